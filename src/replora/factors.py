@@ -1,0 +1,177 @@
+"""How each method produces the factors (A, B) of one target layer.
+
+Every adapter here answers `factors() -> (A, B)` with A: (r, in) and B: (out, r); the adapted layer
+(layer.py) does the rest the same way for all methods. DoRA is LoRA's factors plus `lora_magnitude`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AdapterConfig
+
+
+class TargetAdapter(nn.Module):
+    """One adapter on one target layer."""
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__()
+        self.scaling = config.scaling
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_magnitude: nn.Parameter | None = None
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B @ A, shaped (out, in) like nn.Linear's weight."""
+        A, B = self.factors()
+        return (B * self.scaling) @ A
+
+    def init_magnitude(self, base_weight: torch.Tensor) -> None:
+        """DoRA: m starts at the row norms of W0, so the adapted layer starts as the base layer."""
+        norm = base_weight.detach().float().norm(dim=1)
+        self.lora_magnitude = nn.Parameter(norm.to(base_weight.dtype))
+
+
+def lora_A_init_(A: torch.Tensor) -> torch.Tensor:
+    # LoRA's init (and PEFT's): kaiming_uniform(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)).
+    return nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+
+
+class LoRAFactors(TargetAdapter):
+    """LoRA (and DoRA's directions): A and B are the parameters; B = 0 at init."""
+
+    def __init__(self, config: AdapterConfig, in_features: int, out_features: int, **like):
+        super().__init__(config)
+        self.lora_A = nn.Parameter(lora_A_init_(torch.empty(config.r, in_features, **like)))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, **like))
+
+    def factors(self):
+        return self.lora_A, self.lora_B
+
+
+class MoSLoRAFactors(LoRAFactors):
+    """MoSLoRA: dW = s B M A with a learnable r x r mixer M; materialized as A' = M A."""
+
+    def __init__(self, config: AdapterConfig, in_features: int, out_features: int, **like):
+        super().__init__(config, in_features, out_features, **like)
+        mixer = torch.empty(config.r, config.r, **like)
+        if config.moslora_mixer_init == "orthogonal":
+            # orthogonal_ needs QR, which has no half-precision kernel on every device.
+            mixer.copy_(nn.init.orthogonal_(torch.empty(config.r, config.r, device=mixer.device)))
+        else:
+            lora_A_init_(mixer)
+        self.lora_mixer = nn.Parameter(mixer)
+
+    def factors(self):
+        return self.lora_mixer @ self.lora_A, self.lora_B
+
+
+ACTIVATIONS = {"tanh": torch.tanh, "gelu": F.gelu, "relu": F.relu, "identity": lambda z: z}
+
+
+class Generator(nn.Module):
+    """g_theta: an MLP applied to each seed row, with one output head per target role."""
+
+    def __init__(self, seed_width: int, hidden: int, activation: str, head_sizes: dict[str, int], **like):
+        super().__init__()
+        self.activation = activation
+        self.hidden = nn.Linear(seed_width, hidden, **like)
+        self.heads = nn.ModuleDict({role: nn.Linear(hidden, size, **like) for role, size in head_sizes.items()})
+
+    def features(self, seed_rows: torch.Tensor) -> torch.Tensor:
+        return ACTIVATIONS[self.activation](self.hidden(seed_rows))
+
+
+class RepLoRAGenerators(nn.Module):
+    """The pair (g_thetaA, g_thetaB) of one sharing unit (a block, a target, or all blocks of one shape)."""
+
+    def __init__(self, config: AdapterConfig, seed_widths: tuple[int, int], in_sizes: dict[str, int],
+                 out_sizes: dict[str, int], **like):
+        super().__init__()
+        h, act = config.hidden_size, config.replora_activation
+        self.lora_A_generator = Generator(seed_widths[0], h, act, in_sizes, **like)
+        self.lora_B_generator = Generator(seed_widths[1], h, act, out_sizes, **like)
+        for head in self.lora_B_generator.heads.values():
+            # B heads start at zero (weights and bias): dW = 0 at init, as LoRA's B = 0.
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    @torch.no_grad()
+    def calibrate_A_heads(self, A_seed_rows: torch.Tensor) -> None:
+        """Project choice: scale each A head so that the generated A_t has LoRA's init scale,
+        std 1 / sqrt(3 in_t) (the std of U(-1/sqrt(in), 1/sqrt(in)))."""
+        z = self.lora_A_generator.features(A_seed_rows.float())
+        for head in self.lora_A_generator.heads.values():
+            nn.init.zeros_(head.bias)
+            A = z @ head.weight.float().T
+            std = A.std().item()
+            if std > 0:
+                head.weight.mul_(1.0 / math.sqrt(3 * head.out_features) / std)
+
+
+class RepLoRAGroup(nn.Module):
+    """The seeds of one group (the targets of one block) and the factors generated from them.
+
+    Diagonal seed: A = diag(a), B = diag(b) with a = b = 1 at init; the generators see their rows.
+    Full seed: free (r, width) matrices through the same row-wise MLP, initialized as LoRA's A.
+    While the group's block runs forward, its factors are generated once and shared by the block's
+    targets (`open_cache` / `close_cache` are that block's forward hooks).
+    """
+
+    def __init__(self, config: AdapterConfig, generators: RepLoRAGenerators, seed_widths: tuple[int, int], **like):
+        super().__init__()
+        r = config.r
+        if config.replora_seed == "diagonal":
+            self.lora_A_seed = nn.Parameter(torch.ones(r, **like))
+            self.lora_B_seed = nn.Parameter(torch.ones(r, **like))
+        else:
+            self.lora_A_seed = nn.Parameter(lora_A_init_(torch.empty(r, seed_widths[0], **like)))
+            self.lora_B_seed = nn.Parameter(lora_A_init_(torch.empty(r, seed_widths[1], **like)))
+        # A reference, not a submodule: generators may be shared by several groups ("model" sharing)
+        # and are registered once, in the bank.
+        object.__setattr__(self, "generators", generators)
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def seed_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.lora_A_seed, self.lora_B_seed
+        return (torch.diag(a), torch.diag(b)) if a.dim() == 1 else (a, b)
+
+    def generate(self, roles) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        gA, gB = self.generators.lora_A_generator, self.generators.lora_B_generator
+        rows_A, rows_B = self.seed_rows()
+        zA, zB = gA.features(rows_A), gB.features(rows_B)
+        # Row i of A_t is head_t(z_i); column j of B_t is head_t(z_j).
+        return {role: (gA.heads[role](zA), gB.heads[role](zB).T) for role in roles}
+
+    def factors(self, role: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cache is None:
+            return self.generate([role])[role]
+        if not self._cache:
+            self._cache.update(self.generate(self.generators.lora_A_generator.heads.keys()))
+        return self._cache[role]
+
+    def open_cache(self, *_):
+        self._cache = {}
+
+    def close_cache(self, *_):
+        self._cache = None
+
+
+class GeneratedFactors(TargetAdapter):
+    """RepLoRA on one target: its factors come from its group's shared generators."""
+
+    def __init__(self, config: AdapterConfig, group: RepLoRAGroup, role: str):
+        super().__init__(config)
+        object.__setattr__(self, "group", group)  # registered in the bank, not here
+        self.role = role
+
+    def factors(self):
+        return self.group.factors(self.role)
+
+    def extra_repr(self) -> str:
+        return f"role={self.role!r}"

@@ -1,0 +1,97 @@
+"""The adapted layer: one forward, one merge and one unmerge for every method."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .factors import TargetAdapter
+
+SUPPORTED_LAYERS = (nn.Linear, Conv1D)
+
+
+class AdaptedLayer(nn.Module):
+    """Wraps a frozen nn.Linear or transformers Conv1D (GPT-2's, weight stored (in, out)) and adds
+    the active adapter's update: y = base(x) + s * B A dropout(x), or DoRA's rescaled version."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        rows, cols = base_layer.weight.shape
+        self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
+        self.lora = nn.ModuleDict()
+        self.active_adapter = "default"
+        self.merged_adapters: list[str] = []
+
+    # Code that reads `layer.weight` / `layer.bias` (weight tying, dtype checks) keeps working.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def base_weight(self) -> torch.Tensor:
+        """W0 as (out, in), a view of the base layer's weight."""
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def add_adapter(self, name: str, adapter: TargetAdapter) -> None:
+        self.lora[name] = adapter
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        name = self.active_adapter
+        if name is None or name in self.merged_adapters or name not in self.lora:
+            return result
+        adapter = self.lora[name]
+        A, B = adapter.factors()
+        B = B * adapter.scaling  # (out, r): cheaper than scaling the (tokens, out) output
+        dropped = adapter.dropout(x.to(A.dtype))
+        update = F.linear(F.linear(dropped, A), B)
+        magnitude = adapter.lora_magnitude
+        if magnitude is None:
+            return result + update.to(result.dtype)
+        # DoRA: y = m / ||W0 + sBA|| * (W0 x + sBA x) + b. The norm is detached from the graph, as
+        # DoRA §4.3 recommends (less memory, same update direction).
+        W0 = self.base_weight()
+        scale = magnitude / (W0 + B @ A).norm(dim=1).detach()
+        if isinstance(adapter.dropout, nn.Identity) or not adapter.training:
+            base = result if self.bias is None else result - self.bias
+        else:
+            base = F.linear(dropped, W0)  # W0 dropout(x), as the update sees dropout(x)
+        return result + ((scale - 1) * base + scale * update).to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self, name: str | None = None) -> None:
+        """Fold the adapter into the base weight (computed in float32, stored in the weight's dtype)."""
+        name = name or self.active_adapter
+        if name in self.merged_adapters:
+            return
+        adapter = self.lora[name]
+        W = self.base_weight()
+        target = W.float() + adapter.delta_weight().float()
+        if adapter.lora_magnitude is not None:
+            norm = target.norm(dim=1)
+            adapter.merge_norm = norm  # kept to undo the rescaling exactly in unmerge
+            target = target * (adapter.lora_magnitude.float() / norm)[:, None]
+        W.copy_(target.to(W.dtype))
+        self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo every merge, last first."""
+        while self.merged_adapters:
+            adapter = self.lora[self.merged_adapters.pop()]
+            W = self.base_weight()
+            restored = W.float()
+            if adapter.lora_magnitude is not None:
+                restored = restored * (adapter.merge_norm / adapter.lora_magnitude.float())[:, None]
+                del adapter.merge_norm
+            W.copy_((restored - adapter.delta_weight().float()).to(W.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, merged={self.merged_adapters}"
