@@ -192,7 +192,8 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
                          "start again, or replora.load_adapter(model, path) to load weights into it")
     targets = find_targets(model, config)
     to_save = find_modules_to_save(model, config)
-    layers = {path: AdaptedLayer(base) for path, base in targets.items()}
+    # New modules follow the model's train/eval mode (an eval model must not start using dropout).
+    layers = {path: AdaptedLayer(base).train(base.training) for path, base in targets.items()}
     state = AdapterState()
     hook_sites = []
     if config.method == "replora":
@@ -201,8 +202,9 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
     else:
         adapters = {path: _build_adapter(config, layer) for path, layer in layers.items()}
     for path, layer in layers.items():
-        layer.add_adapter(adapter_name, adapters[path])
+        layer.add_adapter(adapter_name, adapters[path].train(layer.training))
         layer.active_adapter = adapter_name
+    state.train(model.training)
     # Commit: from here on nothing can fail on user input.
     state.configs[adapter_name] = config
     state.requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}

@@ -1,0 +1,115 @@
+"""Tiny transformers models built from a config (same module names as the real ones, milliseconds to
+run) and the table of method variants every invariant is checked against."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, ViTConfig, ViTForImageClassification)
+
+import replora
+
+
+@dataclasses.dataclass
+class TinyModel:
+    name: str
+    build_fn: object
+    targets: list | None
+    modules_to_save: list | None
+
+    def build(self, seed: int = 0):
+        torch.manual_seed(seed)
+        return self.build_fn().eval()
+
+    def inputs(self, seed: int = 1, batch: int = 3):
+        g = torch.Generator().manual_seed(seed)
+        if self.name == "vit":
+            return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+        ids = torch.randint(1, 100, (batch, 9), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, -3:] = 0  # padding in one row
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def _bert():
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+        max_position_embeddings=32, num_labels=3))
+
+
+def _llama():
+    # Grouped-query attention: v_proj (out 24) is narrower than q_proj (out 48).
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=96, max_position_embeddings=32))
+
+
+def _gpt2():
+    return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=48, n_layer=2, n_head=4, n_positions=32))
+
+
+def _vit():
+    return ViTForImageClassification(ViTConfig(
+        image_size=16, patch_size=4, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=96, num_labels=3))
+
+
+TINY_MODELS = {
+    "bert": TinyModel("bert", _bert, None, ["classifier"]),
+    "llama": TinyModel("llama", _llama, None, None),
+    # GPT-2's Conv1D layers, three per block: attn.c_attn (fused qkv), attn.c_proj, mlp.c_proj.
+    "gpt2": TinyModel("gpt2", _gpt2, ["c_attn", "c_proj"], None),
+    "vit": TinyModel("vit", _vit, None, ["classifier"]),
+}
+
+# Every method, and every option of every method, at least once.
+METHOD_VARIANTS = {
+    "lora": dict(method="lora"),
+    "lora-rslora-dropout": dict(method="lora", use_rslora=True, lora_dropout=0.1, r=4, lora_alpha=8),
+    "dora": dict(method="dora"),
+    "dora-dropout": dict(method="dora", lora_dropout=0.1),
+    "moslora": dict(method="moslora"),
+    "moslora-orthogonal": dict(method="moslora", moslora_mixer_init="orthogonal"),
+    "replora": dict(method="replora"),
+    "replora-identity": dict(method="replora", replora_activation="identity"),
+    "replora-gelu-h16": dict(method="replora", replora_activation="gelu", replora_hidden_size=16),
+    "replora-relu-fullseed": dict(method="replora", replora_activation="relu", replora_seed="full"),
+    "replora-nosharing": dict(method="replora", replora_sharing="none"),
+    "replora-modelsharing": dict(method="replora", replora_sharing="model", lora_dropout=0.1),
+}
+
+
+def make_config(tiny: TinyModel, variant: str, **overrides) -> replora.AdapterConfig:
+    options = dict(target_modules=tiny.targets, modules_to_save=tiny.modules_to_save, **METHOD_VARIANTS[variant])
+    options.update(overrides)
+    return replora.AdapterConfig(**options)
+
+
+def outputs(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def train_steps(model, tiny: TinyModel, steps: int = 3, lr: float = 1e-2):
+    """A few AdamW steps on random data, so that every factor is away from its init."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for step in range(steps):
+        loss = model(**tiny.inputs(seed=100 + step)).logits.float().pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model
+
+
+@pytest.fixture(params=list(TINY_MODELS))
+def tiny(request) -> TinyModel:
+    return TINY_MODELS[request.param]
+
+
+@pytest.fixture(params=list(METHOD_VARIANTS))
+def variant(request) -> str:
+    return request.param

@@ -1,0 +1,156 @@
+"""Every method variant x every tiny model x every invariant of issue 2 (one parameterized table)."""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch
+
+import replora
+from replora.layer import AdaptedLayer
+
+from conftest import make_config, outputs, train_steps
+
+TIGHT = dict(atol=1e-5, rtol=1e-5)
+
+
+def adapted(tiny, variant, **overrides):
+    model = tiny.build()
+    return replora.inject(model, make_config(tiny, variant, **overrides))
+
+
+def test_init_output_equals_base(tiny, variant):
+    inputs = tiny.inputs()
+    expected = outputs(tiny.build(), inputs)
+    model = adapted(tiny, variant)
+    torch.testing.assert_close(outputs(model, inputs), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_merge_unmerge_unload(tiny, variant):
+    inputs = tiny.inputs()
+    base_weights = {k: v.clone() for k, v in tiny.build().state_dict().items()}
+    model = train_steps(adapted(tiny, variant), tiny)
+    unmerged = outputs(model, inputs)
+    assert not torch.allclose(unmerged, outputs(tiny.build(), inputs), atol=1e-4), "training changed nothing"
+
+    replora.merge(model)
+    torch.testing.assert_close(outputs(model, inputs), unmerged, **TIGHT)
+    replora.unmerge(model)
+    torch.testing.assert_close(outputs(model, inputs), unmerged, **TIGHT)
+    for name, layer in model.named_modules():
+        if isinstance(layer, AdaptedLayer):
+            for pname, p in layer.base_layer.named_parameters():
+                torch.testing.assert_close(p, base_weights[f"{name}.{pname}"], atol=1e-6, rtol=1e-6)
+
+    plain = replora.unload(model, merge=True)
+    torch.testing.assert_close(outputs(plain, inputs), unmerged, **TIGHT)
+    assert not any(isinstance(m, AdaptedLayer) for m in plain.modules())
+    assert not hasattr(plain, "replora")
+    assert set(plain.state_dict()) == set(base_weights)
+
+
+def test_unload_without_merge_gives_base_model(tiny, variant):
+    inputs = tiny.inputs()
+    model = train_steps(adapted(tiny, variant), tiny)
+    replora.merge(model)
+    plain = replora.unload(model, merge=False)
+    reference = tiny.build()
+    for name, tensor in reference.state_dict().items():
+        if tiny.modules_to_save and name.startswith(tuple(tiny.modules_to_save)):
+            continue  # modules_to_save keep their trained weights
+        torch.testing.assert_close(plain.state_dict()[name], tensor, atol=1e-6, rtol=1e-6)
+    assert all(p.requires_grad for p in plain.parameters()), "requires_grad flags not restored"
+    if not tiny.modules_to_save:
+        torch.testing.assert_close(outputs(plain, inputs), outputs(reference, inputs), **TIGHT)
+
+
+def _expected_trainable_names(model, tiny):
+    adapter = re.compile(r"(\.lora\.default\.)|(^replora\.banks\.default\.)")
+    saved = tuple(f"{m}." for m in (tiny.modules_to_save or []))
+    return {n for n, _ in model.named_parameters() if adapter.search(n) or n.startswith(saved)}
+
+
+def test_only_adapter_parameters_train_and_all_get_gradients(tiny, variant):
+    model = train_steps(adapted(tiny, variant, lora_dropout=0.0), tiny)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == _expected_trainable_names(model, tiny)
+    if variant.startswith("replora"):
+        kinds = {re.sub(r"\.(groups|generators)\.[^.]+\.", ".X.", n) for n in trainable if n.startswith("replora.")}
+        assert any("lora_A_seed" in k for k in kinds) and any("lora_B_generator.heads" in k for k in kinds)
+    model.train()
+    model.zero_grad()
+    model(**tiny.inputs(seed=7)).logits.pow(2).mean().backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+
+
+def _target_shapes(model):
+    return {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, AdaptedLayer)}
+
+
+def _block(name):
+    match = re.match(r"^(.*\.\d+)\.", name)
+    return match.group(1) if match else None
+
+
+def expected_trainable_count(config, shapes, extra):
+    """METHODS.md's formulas, written out independently of the library."""
+    r = config.r
+    h = config.replora_hidden_size or r
+    if config.method != "replora":
+        n = sum(r * (i + o) for i, o in shapes.values())
+        if config.method == "dora":
+            n += sum(o for _, o in shapes.values())
+        if config.method == "moslora":
+            n += r * r * len(shapes)
+        return n + extra
+    groups = defaultdict(dict)
+    for name, shape in shapes.items():
+        block = _block(name) if config.replora_sharing != "none" else None
+        groups[block or name][name[len(block) + 1:] if block else name] = shape
+
+    def generator(seed_a, seed_b, members):
+        ins = sum(i for i, _ in members.values())
+        outs = sum(o for _, o in members.values())
+        return (seed_a * h + h + h * ins + ins) + (seed_b * h + h + h * outs + outs)
+
+    n, signatures = 0, set()
+    for members in groups.values():
+        if config.replora_seed == "diagonal":
+            seed_a = seed_b = r
+            n += 2 * r
+        else:
+            seed_a = max(i for i, _ in members.values())
+            seed_b = max(o for _, o in members.values())
+            n += r * (seed_a + seed_b)
+        signature = tuple(sorted(members.items()))
+        if config.replora_sharing == "model":
+            if signature in signatures:
+                continue
+            signatures.add(signature)
+        n += generator(seed_a, seed_b, members)
+    return n + extra
+
+
+def test_trainable_parameter_count_matches_formula(tiny, variant):
+    model = adapted(tiny, variant)
+    config = replora.get_config(model)
+    extra = sum(p.numel() for m in (tiny.modules_to_save or []) for p in model.get_submodule(m).parameters())
+    trainable, total = replora.count_parameters(model)
+    assert trainable == expected_trainable_count(config, _target_shapes(model), extra)
+    assert total == sum(p.numel() for p in tiny.build().parameters()) + trainable - extra
+
+
+def test_save_then_load_into_fresh_model_is_exact(tiny, variant, tmp_path):
+    inputs = tiny.inputs()
+    model = train_steps(adapted(tiny, variant), tiny)
+    expected = outputs(model, inputs)
+    replora.save_adapter(model, tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    fresh = replora.load_adapter(tiny.build(), tmp_path / "adapter")
+    assert torch.equal(outputs(fresh, inputs), expected)
+    assert replora.count_parameters(fresh) == replora.count_parameters(model)
+    # Resuming training: the loaded adapter is trainable again, generators included.
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad}
