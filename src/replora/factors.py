@@ -105,7 +105,7 @@ class RepLoRAGenerators(nn.Module):
     def calibrate_A_heads(self, A_seed_rows: torch.Tensor) -> None:
         """Project choice: scale each A head so that the generated A_t has LoRA's init scale,
         std 1 / sqrt(3 in_t) (the std of U(-1/sqrt(in), 1/sqrt(in)))."""
-        z = self.lora_A_generator.features(A_seed_rows.float())
+        z = self.lora_A_generator.features(A_seed_rows).float()
         for head in self.lora_A_generator.heads.values():
             nn.init.zeros_(head.bias)
             A = z @ head.weight.float().T

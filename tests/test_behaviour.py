@@ -1,0 +1,153 @@
+"""Behaviour beyond the invariant table: targets, grouping, generator calls, dtypes, copies."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import replora
+from replora.factors import GeneratedFactors
+from replora.layer import AdaptedLayer
+
+from conftest import TINY_MODELS, METHOD_VARIANTS, make_config, outputs, train_steps
+
+BERT, LLAMA, GPT2 = TINY_MODELS["bert"], TINY_MODELS["llama"], TINY_MODELS["gpt2"]
+
+
+def target_names(model):
+    return sorted(n for n, m in model.named_modules() if isinstance(m, AdaptedLayer))
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("bert", ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.value"]),
+    ("llama", ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]),
+    ("vit", ["vit.layers.0.attention.q_proj", "vit.layers.0.attention.v_proj"]),
+])
+def test_default_targets_are_query_and_value(name, expected):
+    model = replora.inject(TINY_MODELS[name].build(), replora.AdapterConfig())
+    assert target_names(model)[:2] == expected and len(target_names(model)) == 4
+
+
+def test_all_linear_skips_output_layer_and_modules_to_save():
+    model = replora.inject(LLAMA.build(), replora.AdapterConfig(target_modules="all-linear"))
+    names = target_names(model)
+    assert len(names) == 2 * 7 and "lm_head" not in names
+    bert = replora.inject(BERT.build(), replora.AdapterConfig(target_modules="all-linear", modules_to_save=["classifier"]))
+    assert "classifier" not in target_names(bert) and "bert.pooler.dense" in target_names(bert)
+
+
+def test_regex_targets_match_whole_names():
+    model = replora.inject(BERT.build(), replora.AdapterConfig(target_modules=r".*layer\.1\.attention\.self\.(query|key)"))
+    assert target_names(model) == ["bert.encoder.layer.1.attention.self.key", "bert.encoder.layer.1.attention.self.query"]
+
+
+def groups_of(model):
+    return {name: sorted(m.role for _, l in model.named_modules() if isinstance(l, AdaptedLayer)
+                         for m in l.lora.values() if m.group is group)
+            for name, group in model.replora.banks["default"].groups.items()}
+
+
+def test_replora_groups_a_blocks_targets_and_lone_targets_get_their_own():
+    config = make_config(BERT, "replora", target_modules=["query", "value", "pooler.dense"])
+    model = replora.inject(BERT.build(), config)
+    assert groups_of(model) == {
+        "bert_encoder_layer_0": ["attention_self_query", "attention_self_value"],
+        "bert_encoder_layer_1": ["attention_self_query", "attention_self_value"],
+        "bert_pooler_dense": ["dense"],
+    }
+    train_steps(model, BERT)  # the lone target trains as well
+    assert model.replora.banks["default"].generators["bert_pooler_dense"].lora_B_generator.heads["dense"].weight.abs().sum() > 0
+
+
+def test_model_sharing_uses_one_generator_pair_for_blocks_of_equal_shape():
+    model = replora.inject(LLAMA.build(), make_config(LLAMA, "replora-modelsharing"))
+    bank = model.replora.banks["default"]
+    assert list(bank.generators) == ["shared0"] and len(bank.groups) == 2
+    none = replora.inject(LLAMA.build(), make_config(LLAMA, "replora-nosharing"))
+    assert len(none.replora.banks["default"].groups) == 4
+
+
+@pytest.mark.parametrize("sharing, calls_per_forward", [("block", 2), ("model", 2), ("none", 4)])
+def test_generators_run_once_per_group_per_forward(sharing, calls_per_forward):
+    model = replora.inject(BERT.build(), make_config(BERT, "replora", replora_sharing=sharing))
+    calls = []
+    for generators in model.replora.banks["default"].generators.values():
+        generators.lora_A_generator.hidden.register_forward_hook(lambda *_: calls.append(1))
+    model.train()
+    model(**BERT.inputs()).logits.sum().backward()
+    assert len(calls) == calls_per_forward
+    # A target called on its own (outside its block's forward) still computes its factors.
+    train_steps(model, BERT)
+    layer, x = model.bert.encoder.layer[0].attention.self.query, torch.randn(2, 48)
+    delta = layer.lora["default"].delta_weight()
+    assert delta.abs().sum() > 0
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ delta.T)
+
+
+def test_generated_A_starts_at_loras_kaiming_scale():
+    model = replora.inject(LLAMA.build(), make_config(LLAMA, "replora"))
+    for layer in (m for m in model.modules() if isinstance(m, AdaptedLayer)):
+        A, B = layer.lora["default"].factors()
+        assert torch.count_nonzero(B) == 0
+        target = 1 / (3 * layer.in_features) ** 0.5
+        assert abs(A.std().item() - target) / target < 0.05
+        assert torch.linalg.matrix_rank(A.float()) == A.shape[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", ["lora", "dora", "moslora-orthogonal", "replora", "replora-relu-fullseed"])
+def test_adapters_follow_the_base_layers_dtype(dtype, variant):
+    model = LLAMA.build().to(dtype)
+    replora.inject(model, make_config(LLAMA, variant))
+    adapter_params = [p for p in model.parameters() if p.requires_grad]
+    assert adapter_params and all(p.dtype == dtype for p in adapter_params)
+    model.train()
+    opt = torch.optim.SGD(adapter_params, lr=0.5)  # (AdamW's eps underflows in pure float16)
+    for step in range(2):
+        model(**LLAMA.inputs(seed=step)).logits.float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    assert all(torch.isfinite(p).all() for p in adapter_params)
+    out = outputs(model, LLAMA.inputs())
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    replora.merge(model)
+    torch.testing.assert_close(outputs(model, LLAMA.inputs()), out, atol=0.05, rtol=0.05)
+
+
+def test_gpt2_conv1d_merge_uses_the_transposed_weight():
+    model = train_steps(replora.inject(GPT2.build(), make_config(GPT2, "lora")), GPT2)
+    layer = model.transformer.h[0].attn.c_attn
+    before = layer.base_layer.weight.clone()
+    replora.merge(model)
+    torch.testing.assert_close(layer.base_layer.weight - before, layer.lora["default"].delta_weight().T)
+
+
+def test_unload_restores_requires_grad_flags_that_were_off():
+    model = BERT.build()
+    model.bert.embeddings.requires_grad_(False)
+    replora.unload(replora.inject(model, make_config(BERT, "lora")))
+    assert not any(p.requires_grad for p in model.bert.embeddings.parameters())
+    assert all(p.requires_grad for p in model.bert.encoder.parameters())
+
+
+@pytest.mark.parametrize("variant", list(METHOD_VARIANTS))
+def test_deepcopy_of_an_adapted_model_is_independent(variant):
+    model = replora.inject(BERT.build(), make_config(BERT, variant))
+    twin = copy.deepcopy(model)
+    train_steps(twin, BERT)
+    assert not torch.allclose(outputs(twin, BERT.inputs()), outputs(model, BERT.inputs()))
+    torch.testing.assert_close(outputs(model, BERT.inputs()), outputs(BERT.build(), BERT.inputs()), atol=1e-6, rtol=1e-6)
+    for layer in (m for m in twin.modules() if isinstance(m, AdaptedLayer)):
+        adapter = layer.lora["default"]
+        if isinstance(adapter, GeneratedFactors):
+            assert any(adapter.group is g for g in twin.replora.banks["default"].groups.values())
+
+
+def test_eval_model_stays_eval_and_training_model_stays_training():
+    model = replora.inject(BERT.build(), make_config(BERT, "lora-rslora-dropout"))
+    assert not any(m.training for m in model.modules())
+    train = BERT.build().train()
+    replora.inject(train, make_config(BERT, "lora-rslora-dropout"))
+    assert all(m.training for m in train.modules())
