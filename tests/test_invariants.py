@@ -55,18 +55,16 @@ def test_unload_without_merge_gives_base_model(tiny, variant):
     replora.merge(model)
     plain = replora.unload(model, merge=False)
     reference = tiny.build()
-    for name, tensor in reference.state_dict().items():
-        if tiny.modules_to_save and name.startswith(tuple(tiny.modules_to_save)):
-            continue  # modules_to_save keep their trained weights
+    assert plain.state_dict().keys() == reference.state_dict().keys()
+    for name, tensor in reference.state_dict().items():  # modules_to_save included: the originals come back
         torch.testing.assert_close(plain.state_dict()[name], tensor, atol=1e-6, rtol=1e-6)
     assert all(p.requires_grad for p in plain.parameters()), "requires_grad flags not restored"
-    if not tiny.modules_to_save:
-        torch.testing.assert_close(outputs(plain, inputs), outputs(reference, inputs), **TIGHT)
+    torch.testing.assert_close(outputs(plain, inputs), outputs(reference, inputs), **TIGHT)
 
 
 def _expected_trainable_names(model, tiny):
     adapter = re.compile(r"(\.lora\.default\.)|(^replora\.banks\.default\.)")
-    saved = tuple(f"{m}." for m in (tiny.modules_to_save or []))
+    saved = tuple(f"{m}.copies.default." for m in (tiny.modules_to_save or []))
     return {n for n, _ in model.named_parameters() if adapter.search(n) or n.startswith(saved)}
 
 
@@ -136,10 +134,11 @@ def expected_trainable_count(config, shapes, extra):
 def test_trainable_parameter_count_matches_formula(tiny, variant):
     model = adapted(tiny, variant)
     config = replora.get_config(model)
-    extra = sum(p.numel() for m in (tiny.modules_to_save or []) for p in model.get_submodule(m).parameters())
+    extra = sum(p.numel() for m in (tiny.modules_to_save or []) for p in model.get_submodule(m).original_module.parameters())
     trainable, total = replora.count_parameters(model)
     assert trainable == expected_trainable_count(config, _target_shapes(model), extra)
-    assert total == sum(p.numel() for p in tiny.build().parameters()) + trainable - extra
+    # modules_to_save train a copy; the frozen original stays in the model.
+    assert total == sum(p.numel() for p in tiny.build().parameters()) + trainable
 
 
 def test_save_then_load_into_fresh_model_is_exact(tiny, variant, tmp_path):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -20,80 +20,98 @@ from torch import nn
 
 from . import __version__
 from .config import AdapterConfig
-from .model import STATE_ATTR, adapted_layers, adapter_state, find_modules_to_save, get_config, inject, unload
+from .model import (STATE_ATTR, _require_adapter, adapted_layers, adapter_state, add_adapter, delete_adapter,
+                    get_config, inject, saved_modules, unload)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
     """The adapter's tensors (and its modules_to_save), keyed as in the saved file."""
-    config = get_config(model, adapter_name)
+    name = _require_adapter(model, adapter_name)
     tensors = {}
     for path, layer in adapted_layers(model).items():
-        for name, param in layer.lora[adapter_name].named_parameters():
-            tensors[f"{path}.{name}"] = param
-    bank = adapter_state(model).banks[adapter_name] if adapter_name in adapter_state(model).banks else None
-    if bank is not None:
-        for name, param in bank.named_parameters():
-            tensors[f"{STATE_ATTR}.{name}"] = param
-    for path, module in find_modules_to_save(model, config).items():
-        for name, param in module.named_parameters():
-            tensors[f"{path}.{name}"] = param
+        if name in layer.lora:
+            for pname, param in layer.lora[name].named_parameters():
+                tensors[f"{path}.{pname}"] = param
+    banks = adapter_state(model).banks
+    if name in banks:
+        for pname, param in banks[name].named_parameters():
+            tensors[f"{STATE_ATTR}.{pname}"] = param
+    for path, module in saved_modules(model).items():
+        if name in module.copies:
+            for pname, param in module.copies[name].named_parameters():
+                tensors[f"{path}.{pname}"] = param
     return tensors
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
-    """Write the adapter to the folder `path`. A new folder appears whole or not at all; in an existing
-    folder each file is replaced atomically, and other files there are left alone."""
-    config = get_config(model, adapter_name)
-    tensors = {k: v.detach().contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
-    meta = {"format": "pt", "replora_version": __version__, "method": config.method}
+def write_folder(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Let `write` fill a temporary folder beside `path`, then publish it: a new folder appears whole or
+    not at all; in an existing folder each file written is replaced atomically and others are left alone."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"cannot save to {path}: it exists and is not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp-") as tmp:
         tmp = Path(tmp)
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata=meta)
-        payload = {**config.to_dict(), "replora_version": __version__,
-                   "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)}
-        (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
-        for f in (WEIGHTS_NAME, CONFIG_NAME):
-            _fsync(tmp / f)
+        write(tmp)
+        files = sorted(f for f in tmp.rglob("*") if f.is_file())
+        for f in files:
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
         if not path.exists():
             os.rename(tmp, path)  # the folder appears complete, in one step
             os.makedirs(tmp)  # left for the context manager to remove
         else:
-            if not path.is_dir():
-                raise NotADirectoryError(f"cannot save an adapter to {path}: it exists and is not a folder")
-            for f in (WEIGHTS_NAME, CONFIG_NAME):
-                os.replace(tmp / f, path / f)
+            for f in files:
+                dest = path / f.relative_to(tmp)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(f, dest)
     return path
 
 
-def _fsync(file: Path) -> None:
-    with open(file, "rb") as fh:
-        os.fsync(fh.fileno())
+def write_adapter_folder(path, tensors: dict[str, torch.Tensor], config: dict, metadata: dict) -> Path:
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+
+    def write(folder: Path) -> None:
+        save_file(tensors, folder / WEIGHTS_NAME, metadata=metadata)
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+    return write_folder(path, write)
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-    """Read and check an adapter folder without touching any model."""
+def base_model_name(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Write an adapter (default: the active one) to the folder `path`."""
+    config = get_config(model, adapter_name)
+    payload = {**config.to_dict(), "replora_version": __version__, "base_model_name_or_path": base_model_name(model)}
+    meta = {"format": "pt", "replora_version": __version__, "method": config.method}
+    return write_adapter_folder(path, adapter_state_dict(model, adapter_name), payload, meta)
+
+
+def read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e}); restore it or save the adapter again") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_adapter_files(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The raw config dict and tensors of an adapter folder, checked to be readable."""
     path = Path(path)
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     for f in (config_file, weights_file):
         if not f.is_file():
             raise FileNotFoundError(f"no adapter at {path}: {f.name} is missing (an adapter folder holds "
-                                    f"{CONFIG_NAME} and {WEIGHTS_NAME}, as written by replora.save_adapter)")
-    try:
-        data = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_file} is not valid JSON ({e}); restore it or save the adapter again") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{config_file} must hold a JSON object, found {type(data).__name__}")
-    data = {k: v for k, v in data.items() if k not in ("replora_version", "base_model_name_or_path")}
-    try:
-        config = AdapterConfig.from_dict(data)
-    except ValueError as e:
-        raise ValueError(f"{config_file}: {e}") from None
+                                    f"{CONFIG_NAME} and {WEIGHTS_NAME})")
+    data = read_json(config_file)
     try:
         tensors = load_file(weights_file)
     except (SafetensorError, OSError, ValueError) as e:
@@ -101,27 +119,52 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torc
     for key, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise ValueError(f"{weights_file}: tensor {key!r} has dtype {tensor.dtype}; adapter tensors are floating point")
+    return data, tensors
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Read and check a replora adapter folder without touching any model."""
+    data, tensors = read_adapter_files(path)
+    data = {k: v for k, v in data.items() if k not in ("replora_version", "base_model_name_or_path")}
+    if "peft_type" in data:
+        raise ValueError(f"{Path(path) / CONFIG_NAME} is a Hugging Face PEFT adapter; load it with replora.import_peft")
+    try:
+        config = AdapterConfig.from_dict(data)
+    except ValueError as e:
+        raise ValueError(f"{Path(path) / CONFIG_NAME}: {e}") from None
     return config, tensors
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
-    """Load a saved adapter into `model`: a plain base model is adapted first (as at save time); a model
-    that already has this adapter with the same config gets its weights replaced (to resume training).
+    """Load a saved adapter into `model` under `adapter_name`: a plain base model is adapted first (as at
+    save time); a model with other adapters gets this one added (set_adapter makes it run); a model
+    that has this adapter with the same config gets its weights replaced (to resume training).
     On any error the model is left as it was."""
     config, tensors = read_adapter(path)
+    return load_tensors(model, config, tensors, adapter_name, source=str(path))
+
+
+def load_tensors(model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Tensor], adapter_name: str,
+                 source: str, file_keys: dict[str, str] | None = None) -> nn.Module:
+    """Adapt `model` with `config` if needed, then copy `tensors` (keyed as adapter_state_dict) in."""
     state = adapter_state(model)
-    injected_here = state is None
-    if injected_here:
+    if state is None:
         inject(model, config, adapter_name)
-    elif get_config(model, adapter_name).to_dict() != config.to_dict():
-        raise ValueError(f"the model's adapter {adapter_name!r} was built with a different config than {path}; "
-                         "call replora.unload(model) first, or load into a fresh base model")
+        undo = lambda: unload(model, merge=False)  # noqa: E731
+    elif adapter_name not in state.configs:
+        add_adapter(model, config, adapter_name)
+        undo = lambda: delete_adapter(model, adapter_name)  # noqa: E731
+    elif state.configs[adapter_name].to_dict() != config.to_dict():
+        raise ValueError(f"the model's adapter {adapter_name!r} was built with a different config than {source}; "
+                         "load it under another name, or into a fresh base model")
+    else:
+        undo = None
     try:
         expected = adapter_state_dict(model, adapter_name)
-        _check_match(expected, tensors, path)
+        check_match(expected, tensors, source, file_keys or {})
     except ValueError:
-        if injected_here:
-            unload(model, merge=False)
+        if undo is not None:
+            undo()
         raise
     with torch.no_grad():
         for key, param in expected.items():
@@ -129,19 +172,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     return model
 
 
-def _check_match(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], path) -> None:
+def check_match(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source, file_keys: dict) -> None:
+    def show(keys):
+        keys = [file_keys.get(k, k) for k in keys]
+        return f"{keys[:3]}{' ...' if len(keys) > 3 else ''}"
+
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-        if unexpected:
-            parts.append(f"unexpected tensors {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
-        raise ValueError(f"adapter {path} does not fit this model: {'; '.join(parts)}. Was it saved from a "
+        parts = ([f"missing tensors {show(missing)}"] if missing else []) + (
+            [f"unexpected tensors {show(unexpected)}"] if unexpected else [])
+        raise ValueError(f"adapter {source} does not fit this model: {'; '.join(parts)}. Was it saved from a "
                          "different base model or with other target_modules?")
     for key, param in expected.items():
         if tuple(found[key].shape) != tuple(param.shape):
-            raise ValueError(f"adapter {path} does not fit this model: tensor {key!r} has shape "
+            raise ValueError(f"adapter {source} does not fit this model: tensor {file_keys.get(key, key)!r} has shape "
                              f"{tuple(found[key].shape)} in the file but {tuple(param.shape)} in the model; "
                              "the adapter was trained on a base model of other dimensions")

@@ -1,6 +1,8 @@
 """The adapted layer: one forward, one merge and one unmerge for every method."""
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,8 +24,9 @@ class AdaptedLayer(nn.Module):
         rows, cols = base_layer.weight.shape
         self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
         self.lora = nn.ModuleDict()
-        self.active_adapter = "default"
+        self.active_adapter: str | None = None
         self.merged_adapters: list[str] = []
+        self.disabled = False  # set by replora.disable_adapters
 
     # Code that reads `layer.weight` / `layer.bias` (weight tying, dtype checks) keeps working.
     @property
@@ -45,7 +48,7 @@ class AdaptedLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         name = self.active_adapter
-        if name is None or name in self.merged_adapters or name not in self.lora:
+        if self.disabled or name is None or name in self.merged_adapters or name not in self.lora:
             return result
         adapter = self.lora[name]
         A, B = adapter.factors()
@@ -65,19 +68,31 @@ class AdaptedLayer(nn.Module):
             base = F.linear(dropped, W0)  # W0 dropout(x), as the update sees dropout(x)
         return result + ((scale - 1) * base + scale * update).to(result.dtype)
 
+    def _fold(self, adapter: TargetAdapter, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W (out, in, float32) with the adapter folded in; DoRA also returns the row norms it divided by."""
+        target = W + adapter.delta_weight().float()
+        if adapter.lora_magnitude is None:
+            return target, None
+        norm = target.norm(dim=1)
+        return target * (adapter.lora_magnitude.float() / norm)[:, None], norm
+
+    @torch.no_grad()
+    def merged_weight(self, name: str) -> torch.Tensor:
+        """The base weight with adapter `name` folded in, in the base layer's layout and dtype."""
+        W, _ = self._fold(self.lora[name], self.base_weight().float())
+        return (W.T if self.fan_in_fan_out else W).to(self.weight.dtype)
+
     @torch.no_grad()
     def merge(self, name: str | None = None) -> None:
         """Fold the adapter into the base weight (computed in float32, stored in the weight's dtype)."""
         name = name or self.active_adapter
-        if name in self.merged_adapters:
+        if name in self.merged_adapters or name not in self.lora:
             return
         adapter = self.lora[name]
         W = self.base_weight()
-        target = W.float() + adapter.delta_weight().float()
-        if adapter.lora_magnitude is not None:
-            norm = target.norm(dim=1)
+        target, norm = self._fold(adapter, W.float())
+        if norm is not None:
             adapter.merge_norm = norm  # kept to undo the rescaling exactly in unmerge
-            target = target * (adapter.lora_magnitude.float() / norm)[:, None]
         W.copy_(target.to(W.dtype))
         self.merged_adapters.append(name)
 
@@ -95,3 +110,32 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, merged={self.merged_adapters}"
+
+
+class SavedModule(nn.Module):
+    """A module trained in full with an adapter (modules_to_save). The original stays frozen and each
+    adapter trains its own copy, so switching or disabling adapters switches this module too."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original_module = original
+        self.copies = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    def add_copy(self, name: str) -> None:
+        self.copies[name] = copy.deepcopy(self.original_module)
+
+    def current(self) -> nn.Module:
+        if self.disabled or self.active_adapter not in self.copies:
+            return self.original_module
+        return self.copies[self.active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.current(), name)  # code that reads e.g. `classifier.weight` keeps working
