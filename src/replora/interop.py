@@ -1,0 +1,163 @@
+"""Interoperability: every method exported as a standard PEFT LoRA (or DoRA) adapter, PEFT adapters
+imported, and the merged model saved as a plain transformers folder.
+
+Every method reduces to plain LoRA factors after training (METHODS.md): MoSLoRA's A' = M A and
+RepLoRA's generated (A_t, B_t) are written as lora_A / lora_B, so PEFT, vLLM and friends serve them
+at LoRA's cost.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import AdapterConfig
+from .io import CONFIG_NAME, base_model_name, load_tensors, read_adapter_files, write_adapter_folder, write_folder
+from .model import STATE_ATTR, _require_adapter, adapted_layers, get_config, saved_modules, walk
+from .layer import SUPPORTED_LAYERS, AdaptedLayer, SavedModule
+
+PEFT_PREFIX = "base_model.model."
+# PEFT LoraConfig options that change what the file means; import refuses them unless at their default.
+PEFT_UNSUPPORTED = {"rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
+                    "lora_bias": False, "bias": "none", "use_qalora": False, "target_parameters": None,
+                    "trainable_token_indices": None, "layer_replication": None, "exclude_modules": None,
+                    "alora_invocation_tokens": None, "use_bdlora": None}
+
+
+def _shortest_suffixes(model: nn.Module, targets: list[str]) -> list[str]:
+    """The shortest name suffixes that select exactly `targets` among the model's adaptable layers
+    (["query", "value"] rather than every full path), as PEFT users and servers expect."""
+    layers = [n for n, m in walk(model) if isinstance(m, SUPPORTED_LAYERS + (AdaptedLayer,))]
+    wanted = set(targets)
+    for depth in range(1, max(n.count(".") for n in targets) + 2):
+        suffixes = sorted({".".join(n.split(".")[-depth:]) for n in targets})
+        if {n for n in layers if any(n == s or n.endswith("." + s) for s in suffixes)} == wanted:
+            return suffixes
+    return sorted(targets)
+
+
+def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Write an adapter (default: the active one) as a PEFT LoRA adapter folder that
+    `peft.PeftModel.from_pretrained(base_model, path)` loads with no missing or unexpected keys."""
+    name = _require_adapter(model, adapter_name)
+    config = get_config(model, name)
+    layers = {p: layer for p, layer in adapted_layers(model).items() if name in layer.lora}
+    kinds = {layer.fan_in_fan_out for layer in layers.values()}
+    if len(kinds) > 1:
+        conv = sorted(p for p, layer in layers.items() if layer.fan_in_fan_out)[:2]
+        linear = sorted(p for p, layer in layers.items() if not layer.fan_in_fan_out)[:2]
+        raise ValueError("PEFT cannot express this adapter: its targets mix transformers Conv1D layers "
+                         f"({', '.join(conv)}) and nn.Linear layers ({', '.join(linear)}), but PEFT's "
+                         "fan_in_fan_out is one flag per adapter; export an adapter whose targets are all of one kind")
+    tensors = {}
+    with torch.no_grad():
+        for p, layer in layers.items():
+            adapter = layer.lora[name]
+            A, B = adapter.factors()
+            tensors[f"{PEFT_PREFIX}{p}.lora_A.weight"] = A
+            tensors[f"{PEFT_PREFIX}{p}.lora_B.weight"] = B
+            if adapter.lora_magnitude is not None:
+                tensors[f"{PEFT_PREFIX}{p}.lora_magnitude_vector"] = adapter.lora_magnitude
+        saved = {p: m.copies[name] for p, m in saved_modules(model).items() if name in m.copies}
+        for p, module in saved.items():
+            for pname, param in module.named_parameters():
+                tensors[f"{PEFT_PREFIX}{p}.{pname}"] = param
+    peft_config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name(model),
+        "r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+        "use_rslora": config.use_rslora, "use_dora": config.method == "dora",
+        "target_modules": _shortest_suffixes(model, list(layers)), "fan_in_fan_out": kinds == {True},
+        "modules_to_save": sorted(saved) or None, "bias": "none", "init_lora_weights": True,
+        "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    meta = {"format": "pt", "exported_by": f"replora {__version__}", "replora_method": config.method}
+    return write_adapter_folder(path, tensors, peft_config, meta)
+
+
+def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
+    """Load a PEFT LoRA or DoRA adapter folder into `model` as a replora adapter (to continue training
+    it here, or to compare). On any error the model is left as it was."""
+    data, tensors = read_adapter_files(path)
+    where = Path(path) / CONFIG_NAME
+    if data.get("peft_type") != "LORA":
+        raise ValueError(f"{where}: peft_type is {data.get('peft_type')!r}; import_peft reads PEFT LoRA and DoRA "
+                         "adapters (peft_type 'LORA')")
+    for option, default in PEFT_UNSUPPORTED.items():
+        if data.get(option, default) not in (default, None, {}) and data.get(option) != default:
+            raise ValueError(f"{where}: option {option}={data[option]!r} has no replora equivalent; "
+                             "replora imports LoRA/DoRA adapters with one rank and alpha for every target")
+    try:
+        config = AdapterConfig(method="dora" if data.get("use_dora") else "lora", r=data["r"],
+                               lora_alpha=data.get("lora_alpha", 8), lora_dropout=data.get("lora_dropout", 0.0),
+                               target_modules=data.get("target_modules"), use_rslora=data.get("use_rslora", False),
+                               modules_to_save=data.get("modules_to_save"))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    renamed, file_keys = {}, {}
+    for key, tensor in tensors.items():
+        ours = _from_peft_key(key)
+        renamed[ours], file_keys[ours] = tensor, key
+    return load_tensors(model, config, renamed, adapter_name, source=str(path), file_keys=file_keys)
+
+
+def _from_peft_key(key: str) -> str:
+    key = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    key = re.sub(r"\.lora_([AB])(?:\.[^.]+)?\.weight$", r".lora_\1", key)
+    return re.sub(r"\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$", ".lora_magnitude", key)
+
+
+def merged_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict the plain model would have after unload(merge=True) with this adapter active,
+    computed without changing `model`."""
+    name = _require_adapter(model, adapter_name)
+    layers, saved = adapted_layers(model), saved_modules(model)
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if key.startswith(STATE_ATTR + "."):
+            continue
+        state[key] = tensor
+    plain = {}
+    for key, tensor in state.items():
+        owner = _owner(key, layers, saved)
+        if owner is None:
+            plain[key] = tensor
+            continue
+        path, wrapper = owner
+        rest = key[len(path) + 1:]
+        if isinstance(wrapper, AdaptedLayer):
+            if rest.startswith("base_layer."):
+                plain[f"{path}.{rest[len('base_layer.'):]}"] = tensor
+        else:
+            source = f"copies.{name}." if name in wrapper.copies else "original_module."
+            if rest.startswith(source):
+                plain[f"{path}.{rest[len(source):]}"] = tensor
+    for path, layer in layers.items():
+        if name in layer.lora and name not in layer.merged_adapters:
+            plain[f"{path}.weight"] = layer.merged_weight(name)
+    return plain
+
+
+def _owner(key: str, layers: dict, saved: dict):
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in layers:
+            return prefix, layers[prefix]
+        if prefix in saved:
+            return prefix, saved[prefix]
+    return None
+
+
+def save_merged(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, **kwargs) -> Path:
+    """Save the model with an adapter (default: the active one) merged in, as a plain transformers folder
+    that `AutoModel...from_pretrained(path)` loads with no replora installed. `model` is not changed.
+    Extra keyword arguments go to `save_pretrained`."""
+    if not hasattr(model, "save_pretrained"):
+        raise TypeError(f"save_merged needs a transformers model (with save_pretrained), got {type(model).__name__}; "
+                        "for a plain PyTorch model use replora.unload(model) and torch / safetensors directly")
+    state_dict = merged_state_dict(model, adapter_name)
+    return write_folder(path, lambda folder: model.save_pretrained(folder, state_dict=state_dict, **kwargs))
