@@ -1,66 +1,220 @@
-"""The `replora` command line."""
+"""The `replora` command line: `replora train`, `replora demo`."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
+import json
 import sys
-import time
+from pathlib import Path
 
-from .config import METHODS
+from .config import ACTIVATIONS, METHODS, MIXER_INITS, SEED_SHAPES, SHARING_SCOPES, AdapterConfig
+
+# name: (type, help, choices). Types: int, float, str, bool (a switch), list (one or more values).
+TRAIN_OPTIONS = {
+    "model": (str, "minilm (default, packaged all-MiniLM-L6-v2), smollm2 (packaged SmolLM2-135M-Instruct), "
+                   "a local transformers folder, or a hub id", None),
+    "dataset": (str, "rotten_tomatoes (default), social_iqa, strategyqa (multiple choice), a .csv / .jsonl "
+                     "file, a saved Hugging Face dataset folder, or hf:<hub id>", None),
+    "method": (str, "adapter method (default lora)", METHODS),
+    "fraction": (float, "train on this seeded, stratified fraction of the training split (default 1.0)", None),
+    "epochs": (int, "passes over the training data (default 2)", None),
+    "max_steps": (int, "stop after this many optimizer steps instead (overrides --epochs)", None),
+    "seed": (int, "seed of the head init, data order, dropout and --fraction (default 0)", None),
+    "output": (str, "run folder (default runs/<dataset>-<model>-<method>-f<fraction>-s<seed>)", None),
+    "resume": (bool, "continue the run in --output from its last checkpoint", None),
+    "batch_size": (int, "global batch size, kept whatever the number of processes (default 32)", None),
+    "grad_accum": (int, "gradient accumulation steps (default 1)", None),
+    "lr": (float, "peak learning rate of AdamW (default 1e-3)", None),
+    "warmup_ratio": (float, "share of steps with linear warm-up, then linear decay (default 0.06)", None),
+    "weight_decay": (float, "AdamW weight decay (default 0)", None),
+    "max_grad_norm": (float, "clip gradients to this norm (default 1.0)", None),
+    "max_length": (int, "tokens per example (default 64)", None),
+    "max_train_examples": (int, "cap the training split (a fixed stratified subset) before --fraction", None),
+    "max_eval_examples": (int, "cap the validation and test splits (fixed subsets)", None),
+    "eval_batch_size": (int, "batch size for evaluation (default 64)", None),
+    "mixed_precision": (str, "autocast precision (default no)", ("no", "bf16", "fp16")),
+    "text_column": (str, "your data's text (or question) column (default text)", None),
+    "label_column": (str, "your data's label column (default label)", None),
+    "choices_column": (str, "your data's choices column: makes the task multiple choice", None),
+}
+ADAPTER_OPTIONS = {
+    "r": (int, "adapter rank (default 8)", None),
+    "lora_alpha": (float, "scale numerator: s = alpha / r (default 16)", None),
+    "lora_dropout": (float, "dropout on the adapter's input (default 0)", None),
+    "target_modules": (list, "layer-name suffixes, one regex, or all-linear (default: attention query and value)", None),
+    "use_rslora": (bool, "scale by alpha / sqrt(r)", None),
+    "modules_to_save": (list, "modules trained in full (default: the classification head)", None),
+    "moslora_mixer_init": (str, "MoSLoRA mixer init (default kaiming)", MIXER_INITS),
+    "replora_hidden_size": (int, "RepLoRA generator width h (default r)", None),
+    "replora_activation": (str, "RepLoRA generator activation (default tanh)", ACTIVATIONS),
+    "replora_seed": (str, "RepLoRA seed matrices (default diagonal)", SEED_SHAPES),
+    "replora_sharing": (str, "RepLoRA generator sharing (default block)", SHARING_SCOPES),
+}
+REGEX_CHARS = set("*?[]()|\\^$+")
 
 
-def demo(args: argparse.Namespace) -> int:
-    """Adapt the packaged MiniLM with each method; check it starts as the base model and merges exactly."""
-    import torch
-    import transformers
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
-    import replora
-    from .assets import minilm_path
 
-    transformers.logging.set_verbosity_error()  # the new classifier head is expected, not news
-    transformers.utils.logging.disable_progress_bar()
-    path = str(minilm_path())
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    batch = tokenizer(["A gripping, beautifully acted film.", "Dull, overlong and instantly forgettable."],
-                      return_tensors="pt", padding=True)
-    print(f"model: all-MiniLM-L6-v2 ({path}); r={args.r}, targets query/value, classifier trained in full")
-    print(f"{'method':<9} {'trainable':>10} {'of total':>11} {'%':>6} {'init == base':>13} {'merged == unmerged':>19}")
-    for method in METHODS:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
-        config = replora.AdapterConfig(method=method, r=args.r, lora_alpha=2 * args.r, modules_to_save=["classifier"])
-        start = time.perf_counter()
-        with torch.no_grad():
-            base = model(**batch).logits
-            replora.inject(model, config)
-            init_ok = torch.allclose(model(**batch).logits, base, atol=1e-6)
-            for p in model.parameters():  # move every adapter off its init, as training would
-                if p.requires_grad:
-                    p.add_(torch.randn_like(p) * 1e-2)
-            unmerged = model(**batch).logits
-            replora.merge(model)
-            merge_ok = torch.allclose(model(**batch).logits, unmerged, atol=1e-5)
-        trainable, total = replora.count_parameters(model)
-        print(f"{method:<9} {trainable:>10,} {total:>11,} {100 * trainable / total:>6.2f} {_yes(init_ok):>13} "
-              f"{_yes(merge_ok):>19}   ({time.perf_counter() - start:.2f} s)")
+def _add_options(group, options: dict) -> None:
+    for name, (kind, help_text, choices) in options.items():
+        if kind is bool:
+            group.add_argument(_flag(name), action="store_true", default=argparse.SUPPRESS, help=help_text)
+        elif kind is list:
+            group.add_argument(_flag(name), nargs="+", default=argparse.SUPPRESS, help=help_text, metavar="NAME")
+        else:
+            group.add_argument(_flag(name), type=kind, choices=choices, default=argparse.SUPPRESS, help=help_text,
+                               metavar=None if choices else name.upper())
+
+
+def _target_value(value):
+    if isinstance(value, list) and len(value) == 1 and (value[0] == "all-linear" or REGEX_CHARS & set(value[0])):
+        return value[0]  # "all-linear" or a regex, not a suffix list
+    return value
+
+
+def read_settings_file(path: str) -> dict:
+    """Settings from a TOML, YAML or JSON file: the same names as the flags, with underscores."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix == ".toml":
+            import tomllib
+            data = tomllib.loads(text)
+        elif file.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ValueError("YAML config files need PyYAML: pip install pyyaml (or use .toml / .json)") from None
+            data = yaml.safe_load(text)
+        elif file.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ValueError(f"config file {path} must end in .toml, .yaml, .yml or .json")
+    except ValueError as e:  # JSONDecodeError, TOMLDecodeError and yaml's errors are ValueErrors or wrapped here
+        raise ValueError(f"config file {path} does not parse: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # yaml.YAMLError is not a ValueError
+        raise ValueError(f"config file {path} does not parse: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a table / mapping of settings")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def settings_from(values: dict):
+    """TrainSettings from flat option values (flags and config file alike); unknown names are refused."""
+    from .train import TrainSettings
+
+    known = set(TRAIN_OPTIONS) | set(ADAPTER_OPTIONS)
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            raise ValueError(f"unknown setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    train = {k: v for k, v in values.items() if k in TRAIN_OPTIONS}
+    adapter = {k: v for k, v in values.items() if k in ADAPTER_OPTIONS}
+    if "target_modules" in adapter:
+        adapter["target_modules"] = _target_value(adapter["target_modules"])
+    for key, value in train.items():
+        kind = TRAIN_OPTIONS[key][0]
+        if value is not None and kind in (int, str, bool) and not (type(value) is kind):
+            raise ValueError(f"setting {key!r} must be {kind.__name__}, got {value!r}")
+        if kind is float and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"setting {key!r} must be a number, got {value!r}")
+    settings = TrainSettings(**train, adapter=adapter)
+    settings.validate()
+    return settings
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    values = read_settings_file(args.config) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if k in TRAIN_OPTIONS or k in ADAPTER_OPTIONS})
+    settings = settings_from(values)
+    metrics = train(settings)
+    print(summary([metrics]))
+    print(f"run folder: {settings.output_dir()}")
     return 0
 
 
-def _yes(ok: bool) -> str:
-    return "yes" if ok else "NO"
+def summary(runs: list[dict]) -> str:
+    lines = [f"{'method':<9} {'test acc':>9} {'val acc':>8} {'trainable':>10} {'steps':>6} {'time (s)':>9}"]
+    for m in runs:
+        lines.append(f"{m['method']:<9} {m['test_accuracy']:>9.4f} {m['validation_accuracy']:>8.4f} "
+                     f"{m['trainable_parameters']:>10,} {m['steps']:>6} {m['wall_time_seconds']:>9.1f}")
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job: LoRA and RepLoRA on MiniLM + Rotten Tomatoes with a short budget, side by side."""
+    from .train import TrainSettings, train
+
+    runs = []
+    for method in args.methods:
+        settings = TrainSettings(method=method, epochs=args.epochs, max_train_examples=args.max_train_examples,
+                                 lr=args.lr, seed=args.seed, output=str(Path(args.output) / method), resume=True)
+        runs.append(train(settings))
+    print(f"\nMiniLM + Rotten Tomatoes, {args.max_train_examples} training snippets, {args.epochs} epochs, "
+          f"lr {args.lr}, seed {args.seed}; test: {runs[0]['test_examples']} snippets of unseen movies")
+    print(summary(runs))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="replora", description="RepLoRA, MoSLoRA, LoRA and DoRA fine-tuning.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="adapt the packaged MiniLM with every method and print parameter counts")
-    p.add_argument("--r", type=int, default=8, help="adapter rank (default 8)")
-    p.set_defaults(func=demo)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="fine-tune a model with an adapter, evaluate it, keep the result",
+                           description="Fine-tune a model with an adapter on a dataset, evaluate on its validation "
+                                       "split each epoch and on its test split at the end. With no --model / "
+                                       "--dataset: MiniLM on Rotten Tomatoes. Runs as well under `accelerate "
+                                       "launch` or `torchrun`.",
+                           epilog="Example: replora train --method replora --fraction 0.3 --seed 1 --output runs/x")
+    train.add_argument("--config", help="TOML, YAML or JSON file of settings (names as the flags, with "
+                                        "underscores); flags given here override it")
+    _add_options(train.add_argument_group("run"), {k: TRAIN_OPTIONS[k] for k in list(TRAIN_OPTIONS)[:9]})
+    _add_options(train.add_argument_group("training"), {k: TRAIN_OPTIONS[k] for k in list(TRAIN_OPTIONS)[9:20]})
+    _add_options(train.add_argument_group("your data"), {k: TRAIN_OPTIONS[k] for k in list(TRAIN_OPTIONS)[20:]})
+    _add_options(train.add_argument_group("adapter"), ADAPTER_OPTIONS)
+    train.set_defaults(func=cmd_train)
+
+    demo = sub.add_parser("demo", help="the main job: LoRA and RepLoRA on MiniLM + Rotten Tomatoes, a short budget")
+    demo.add_argument("--methods", nargs="+", choices=METHODS, default=["lora", "replora"])
+    demo.add_argument("--max-train-examples", type=int, default=2000)
+    demo.add_argument("--epochs", type=int, default=2)
+    demo.add_argument("--lr", type=float, default=1e-3)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--output", default="runs/demo")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .train import TrainingDiverged
+
+    import logging
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    logger = logging.getLogger("replora")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("replora: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        return args.func(args)
+    except TrainingDiverged as e:
+        print(f"replora: stopped: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"replora: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("replora: interrupted; continue with --resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

