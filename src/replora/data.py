@@ -172,7 +172,8 @@ def rotten_tomatoes() -> TaskData:
     with bz2.open(rotten_tomatoes_csv(), "rt", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
             if row["category"] in ("fresh", "rotten"):
-                by_movie[row["movie_name"]].append({"text": row["text"], "label": int(row["category"] == "fresh")})
+                by_movie[row["movie_name"]].append({"text": row["text"], "label": int(row["category"] == "fresh"),
+                                                    "movie": row["movie_name"]})
     movies = sorted(by_movie)
     random.Random(SPLIT_SEED).shuffle(movies)
     test, validation, train = [], [], []

@@ -75,7 +75,9 @@ def load_model(name: str, num_labels: int):
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        # A folder saved with another head size gets a fresh head of the task's size (it trains in full).
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                   ignore_mismatched_sizes=True)
     except OSError as e:
         raise FileNotFoundError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
     finally:

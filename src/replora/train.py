@@ -247,8 +247,12 @@ def train(settings: TrainSettings) -> dict:
     s = settings
     s.validate()
     out = s.output_dir()
+    # Accelerate picks the device; on a machine with no accelerator it must be told so, or a torchrun /
+    # accelerate-launch run on CPUs would not form its gloo process group.
+    has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
+        hasattr(torch, "xpu") and torch.xpu.is_available())
     accelerator = Accelerator(gradient_accumulation_steps=s.grad_accum, mixed_precision=s.mixed_precision,
-                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+                              cpu=not has_accelerator, dataloader_config=DataLoaderConfiguration(split_batches=True))
     if s.batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size {s.batch_size} (the global batch) must divide evenly among "
                          f"{accelerator.num_processes} processes")
