@@ -16,7 +16,7 @@ TRAIN_OPTIONS = {
                    "a local transformers folder, or a hub id", None),
     "dataset": (str, "rotten_tomatoes (default), social_iqa, strategyqa (multiple choice), a .csv / .jsonl "
                      "file, a saved Hugging Face dataset folder, or hf:<hub id>", None),
-    "method": (str, "adapter method (default lora)", METHODS),
+    "method": (str, "adapter method (default lora); full = full fine-tuning, no adapter", METHODS + ("full",)),
     "fraction": (float, "train on this seeded, stratified fraction of the training split (default 1.0)", None),
     "epochs": (int, "passes over the training data (default 2)", None),
     "max_steps": (int, "stop after this many optimizer steps instead (overrides --epochs)", None),
@@ -163,6 +163,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from . import experiments
+
+    grid = experiments.GRIDS[args.grid]
+    overrides = {k: v for k, v in {
+        "model": args.model, "dataset": args.dataset, "epochs": args.epochs,
+        "max_train_examples": args.max_train_examples, "max_eval_examples": args.max_eval_examples,
+        "methods": tuple(args.methods) if args.methods else None,
+        "fractions": tuple(args.fractions) if args.fractions else None,
+        "seeds": tuple(args.seeds) if args.seeds else None}.items() if v is not None}
+    if args.lrs:
+        overrides["lrs"] = {m: tuple(args.lrs) for m in overrides.get("methods", grid.methods)}
+    grid = __import__("dataclasses").replace(grid, **overrides)
+    root = Path(args.output or f"results/{args.name}/{args.grid}")
+    if args.name == "sample-efficiency":
+        print(experiments.sample_efficiency(grid, root))
+    else:
+        print(experiments.ablations(grid, root, lr=args.lrs[0] if args.lrs else None))
+    print(f"results in {root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="replora", description="RepLoRA, MoSLoRA, LoRA and DoRA fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -180,6 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(train.add_argument_group("your data"), {k: TRAIN_OPTIONS[k] for k in list(TRAIN_OPTIONS)[20:]})
     _add_options(train.add_argument_group("adapter"), ADAPTER_OPTIONS)
     train.set_defaults(func=cmd_train)
+
+    experiment = sub.add_parser("experiment", help="reproduce the papers' claims: grids of real runs, resumable")
+    experiment.add_argument("name", choices=["sample-efficiency", "ablations"],
+                            help="sample-efficiency: methods x training fractions x seeds; ablations: RepLoRA's options")
+    experiment.add_argument("--grid", default="minilm-rt", choices=["minilm-rt", "smollm2-siqa"],
+                            help="model, data and budget (default minilm-rt: MiniLM on Rotten Tomatoes)")
+    experiment.add_argument("--output", help="results folder (default results/<name>/<grid>); rerun to resume")
+    for flag, kind in [("--model", str), ("--dataset", str), ("--epochs", int), ("--max-train-examples", int),
+                       ("--max-eval-examples", int)]:
+        experiment.add_argument(flag, type=kind, help="override the grid's setting")
+    experiment.add_argument("--methods", nargs="+", choices=METHODS + ("full",), help="override the grid's methods")
+    experiment.add_argument("--fractions", nargs="+", type=float, help="override the grid's training fractions")
+    experiment.add_argument("--seeds", nargs="+", type=int, help="override the grid's seeds")
+    experiment.add_argument("--lrs", nargs="+", type=float, help="learning-rate grid for every method")
+    experiment.set_defaults(func=cmd_experiment)
 
     demo = sub.add_parser("demo", help="the main job: LoRA and RepLoRA on MiniLM + Rotten Tomatoes, a short budget")
     demo.add_argument("--methods", nargs="+", choices=METHODS, default=["lora", "replora"])

@@ -81,7 +81,11 @@ class TrainSettings:
             raise ValueError(f"max_grad_norm must be > 0 (or omitted to turn clipping off), got {self.max_grad_norm!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        self.adapter_config(head=None)  # adapter options are checked by AdapterConfig
+        if self.method == FULL:
+            if self.adapter:
+                raise ValueError(f"method 'full' (full fine-tuning) takes no adapter options, got {sorted(self.adapter)}")
+        else:
+            self.adapter_config(head=None)  # adapter options are checked by AdapterConfig
 
     def adapter_config(self, head: str | None) -> AdapterConfig:
         options = dict(self.adapter)
@@ -97,6 +101,9 @@ class TrainSettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+FULL = "full"  # full fine-tuning, the reference line of the experiments: no adapter, every weight trains
 
 
 class TrainingDiverged(RuntimeError):
@@ -263,8 +270,12 @@ def train(settings: TrainSettings) -> dict:
 
     set_seed(s.seed)
     model, tokenizer = load_model(s.model, task.num_labels)
-    config = s.adapter_config(head_name(model))
-    inject(model, config)
+    if s.method == FULL:
+        config = None
+        model.requires_grad_(True)
+    else:
+        config = s.adapter_config(head_name(model))
+        inject(model, config)
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
@@ -281,19 +292,19 @@ def train(settings: TrainSettings) -> dict:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     state = {"epoch": 0, "step": 0, "history": [], "seconds": 0.0}
-    if resume_from is not None:
+    if resume_from is not None and config is not None:
         state = _load_checkpoint(resume_from, model, optimizer, scheduler)
         log.info("resumed from %s (epoch %d, step %d)", resume_from, state["epoch"], state["step"])
     log.info("%s on %s (%s): %d train / %d validation / %d test examples; %s; trainable %d of %d parameters; "
              "%d processes on %s", s.model, task.name, task.kind, len(train_examples), len(validation), len(test),
-             config.method, trainable, total, accelerator.num_processes, accelerator.device)
+             s.method, trainable, total, accelerator.num_processes, accelerator.device)
 
     collate = Collator(tokenizer, task.kind, s.max_length)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     val_loader, test_loader = accelerator.prepare(_loader(validation, collate, s.eval_batch_size, None),
                                                   _loader(test, collate, s.eval_batch_size, None))
     progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
-                    desc=f"{config.method}", unit="step", dynamic_ncols=True)
+                    desc=s.method, unit="step", dynamic_ncols=True)
     started = time.perf_counter() - state["seconds"]
     model.train()
     for epoch in range(state["epoch"], epochs):
@@ -331,7 +342,7 @@ def train(settings: TrainSettings) -> dict:
                                  "validation_accuracy": val_accuracy, "seconds": state["seconds"]})
         log.info("epoch %d: train loss %.4f, validation accuracy %.4f", epoch + 1,
                  state["history"][-1]["train_loss"], val_accuracy)
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and config is not None:  # (full fine-tuning keeps no checkpoints)
             checkpoints = out / "checkpoints"
             name = f"epoch-{epoch + 1}"
             if (checkpoints / name).exists():  # a stale copy from a run killed before `latest` named it
@@ -355,11 +366,13 @@ def train(settings: TrainSettings) -> dict:
         "history": state["history"], "trainable_parameters": trainable, "total_parameters": total,
         "wall_time_seconds": time.perf_counter() - started, "steps": state["step"],
         "train_examples": len(train_examples), "validation_examples": len(validation), "test_examples": len(test),
-        "num_processes": accelerator.num_processes, "method": config.method, "model": s.model,
-        "dataset": task.name, "seed": s.seed, "fraction": s.fraction, "adapter_config": config.to_dict(),
+        "num_processes": accelerator.num_processes, "method": s.method, "model": s.model, "lr": s.lr,
+        "dataset": task.name, "seed": s.seed, "fraction": s.fraction,
+        "adapter_config": config.to_dict() if config else None,
     }
     if accelerator.is_main_process:
-        save_adapter(accelerator.unwrap_model(model), out / "adapter")
+        if config is not None:
+            save_adapter(accelerator.unwrap_model(model), out / "adapter")
         _write_json(out / "metrics.json", metrics)
         log.info("test accuracy %.4f; wall time %.1f s", test_accuracy, metrics["wall_time_seconds"])
     accelerator.wait_for_everyone()

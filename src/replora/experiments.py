@@ -1,0 +1,207 @@
+"""`replora experiment ...`: the papers' claims as grids of real training runs.
+
+Every run is an ordinary `train()` run in its own folder under the experiment's output folder, named
+by its settings; a run whose metrics.json exists is skipped and an interrupted one resumes, so a grid
+can be finished over several sittings. Learning rates are picked per method on the validation split
+(seed 0, full training fraction), never on test.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .train import FULL, TrainSettings, train
+
+
+@dataclass
+class Grid:
+    model: str
+    dataset: str
+    methods: tuple[str, ...]
+    fractions: tuple[float, ...]
+    seeds: tuple[int, ...]
+    lrs: dict[str, tuple[float, ...]]  # the validation grid of each method
+    epochs: int
+    max_train_examples: int | None
+    max_eval_examples: int | None
+    max_length: int
+    batch_size: int = 32
+    adapter: dict = field(default_factory=lambda: {"r": 8, "lora_alpha": 16})
+
+
+ADAPTER_LRS = (1e-3, 3e-3)
+GRIDS = {
+    # Sized to finish in about two hours on 2 CPU cores: a 3,000-snippet training cap (stratified, the
+    # same for every run), 500 validation / 1,000 test snippets, 48 tokens, 3 epochs.
+    "minilm-rt": Grid(model="minilm", dataset="rotten_tomatoes",
+                      methods=("lora", "dora", "moslora", "replora", FULL), fractions=(0.1, 0.3, 0.5, 1.0),
+                      seeds=(0, 1, 2), lrs={"lora": ADAPTER_LRS, "dora": ADAPTER_LRS, "moslora": ADAPTER_LRS,
+                                           "replora": ADAPTER_LRS, FULL: (3e-5, 1e-4)},
+                      epochs=3, max_train_examples=3000, max_eval_examples=1000, max_length=48),
+    # SmolLM2-135M on social_iqa: ~6x MiniLM's cost per example, so a smaller grid.
+    "smollm2-siqa": Grid(model="smollm2", dataset="social_iqa", methods=("lora", "dora", "moslora", "replora"),
+                         fractions=(0.3, 1.0), seeds=(0, 1, 2),
+                         lrs={"lora": (1e-3,), "dora": (1e-3,), "moslora": (1e-3,), "replora": (1e-3,)},
+                         epochs=2, max_train_examples=None, max_eval_examples=None, max_length=96, batch_size=16),
+}
+
+# RepLoRA's options, one change at a time from the default (tanh, h = r, block sharing, diagonal seed).
+ABLATIONS = {
+    "default (tanh, h=r, block, diagonal)": {},
+    "identity (linear reparameterization)": {"replora_activation": "identity"},
+    "gelu": {"replora_activation": "gelu"},
+    "h=4": {"replora_hidden_size": 4},
+    "h=32": {"replora_hidden_size": 32},
+    "no sharing": {"replora_sharing": "none"},
+    "full seed": {"replora_seed": "full"},
+}
+
+
+def run_key(method: str, lr: float, fraction: float, seed: int, variant: str = "") -> str:
+    return f"{method}{'-' + variant if variant else ''}-lr{lr:g}-f{fraction:g}-s{seed}"
+
+
+def run_one(root: Path, grid: Grid, method: str, lr: float, fraction: float, seed: int,
+            adapter_extra: dict | None = None, variant: str = "") -> dict:
+    """One run of the grid; skipped when finished, resumed when interrupted."""
+    out = root / "runs" / run_key(method, lr, fraction, seed, variant)
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    adapter = {} if method == FULL else {**grid.adapter, **(adapter_extra or {})}
+    settings = TrainSettings(model=grid.model, dataset=grid.dataset, method=method, fraction=fraction, seed=seed,
+                             lr=lr, epochs=grid.epochs, max_train_examples=grid.max_train_examples,
+                             max_eval_examples=grid.max_eval_examples, max_length=grid.max_length,
+                             batch_size=grid.batch_size, output=str(out), resume=True, adapter=adapter)
+    return train(settings)
+
+
+def pick_lrs(root: Path, grid: Grid) -> dict[str, float]:
+    """Each method's learning rate: the best validation accuracy at fraction 1.0, seed 0."""
+    chosen = {}
+    for method in grid.methods:
+        scores = {lr: run_one(root, grid, method, lr, 1.0, grid.seeds[0])["validation_accuracy"]
+                  for lr in grid.lrs[method]}
+        chosen[method] = max(scores, key=lambda lr: (scores[lr], -lr))
+    return chosen
+
+
+def _row(m: dict, variant: str = "") -> dict:
+    return {"method": m["method"], "variant": variant, "lr": m["lr"], "fraction": m["fraction"], "seed": m["seed"],
+            "validation_accuracy": round(m["validation_accuracy"], 5), "test_accuracy": round(m["test_accuracy"], 5),
+            "trainable_parameters": m["trainable_parameters"], "train_examples": m["train_examples"],
+            "seconds": round(m["wall_time_seconds"], 1)}
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values: list[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def paired(a: list[float], b: list[float]) -> str:
+    """a - b over seeds: mean ± std of the differences, wins, and the paired t statistic."""
+    diffs = [x - y for x, y in zip(a, b)]
+    mean, std = mean_std(diffs)
+    t = mean / (std / math.sqrt(len(diffs))) if std > 0 else float("inf") * (1 if mean > 0 else -1 if mean < 0 else 0)
+    return f"{100 * mean:+.1f} ± {100 * std:.1f} pts, {sum(d > 0 for d in diffs)}/{len(diffs)} seeds better, t = {t:.2f}"
+
+
+def sample_efficiency(grid: Grid, root: Path, plot: bool = True) -> str:
+    """Every method x fraction x seed at its picked learning rate; writes results.csv, results.md, and
+    sample_efficiency.png. Returns the markdown report."""
+    root.mkdir(parents=True, exist_ok=True)
+    lrs = pick_lrs(root, grid)
+    results = {}
+    for seed in grid.seeds:  # seeds outermost: a partial grid is already a paired comparison
+        for fraction in grid.fractions:
+            for method in grid.methods:
+                results[method, fraction, seed] = run_one(root, grid, method, lrs[method], fraction, seed)
+    rows = [_row(m) for m in results.values()]
+    _write_csv(root / "results.csv", rows)
+    acc = lambda method, fraction: [results[method, fraction, s]["test_accuracy"] for s in grid.seeds]  # noqa: E731
+    lines = [f"# Sample efficiency: {grid.model} on {grid.dataset}", "",
+             f"Test accuracy (%), mean ± std over seeds {list(grid.seeds)}; learning rate picked per method on "
+             f"validation: {', '.join(f'{m} {lr:g}' for m, lr in lrs.items())}. Training cap "
+             f"{grid.max_train_examples or 'none'}, {grid.epochs} epochs, max {grid.max_length} tokens, r = "
+             f"{grid.adapter.get('r')}.", "",
+             "| method | trainable | " + " | ".join(f"f = {f:g}" for f in grid.fractions) + " |",
+             "|---|---|" + "---|" * len(grid.fractions)]
+    for method in grid.methods:
+        trainable = results[method, grid.fractions[-1], grid.seeds[0]]["trainable_parameters"]
+        lines.append(f"| {method} | {trainable:,} | " + " | ".join(fmt(acc(method, f)) for f in grid.fractions) + " |")
+    if "replora" in grid.methods and "lora" in grid.methods:
+        lines += ["", "RepLoRA − LoRA, paired over seeds:", ""]
+        lines += [f"- f = {f:g}: {paired(acc('replora', f), acc('lora', f))}" for f in grid.fractions]
+        if 0.3 in grid.fractions and 1.0 in grid.fractions:
+            rep30, lora100 = acc("replora", 0.3), acc("lora", 1.0)
+            reached = statistics.fmean(rep30) >= statistics.fmean(lora100)
+            lines += ["", f"**Claim 2 (RepLoRA at 30% of the data matches LoRA at 100%)**: RepLoRA at 30%: "
+                          f"{fmt(rep30)}; LoRA at 100%: {fmt(lora100)}; difference "
+                          f"{paired(rep30, lora100)}. {'Held' if reached else 'Did not hold'} here."]
+    report = "\n".join(lines) + "\n"
+    (root / "results.md").write_text(report)
+    if plot:
+        _plot(results, grid, root / "sample_efficiency.png")
+    return report
+
+
+def _plot(results: dict, grid: Grid, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for method in grid.methods:
+        stats = [mean_std([results[method, f, s]["test_accuracy"] for s in grid.seeds]) for f in grid.fractions]
+        means, stds = [100 * m for m, _ in stats], [100 * s for _, s in stats]
+        if method == FULL:
+            ax.axhline(means[-1], color="gray", linestyle="--", label="full fine-tuning (f = 1)")
+            continue
+        ax.errorbar(grid.fractions, means, yerr=stds, marker="o", capsize=3, label=method)
+    ax.set_xlabel("fraction of the training data")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{grid.model} on {grid.dataset}: mean ± std over {len(grid.seeds)} seeds")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ablations(grid: Grid, root: Path, lr: float | None = None) -> str:
+    """RepLoRA's options one at a time, at fraction 1.0, every seed; writes ablations.csv / ablations.md."""
+    root.mkdir(parents=True, exist_ok=True)
+    lr = lr or pick_lrs(root, dataclasses.replace(grid, methods=("replora",)))["replora"]
+    results = {}
+    for seed in grid.seeds:
+        for name, options in ABLATIONS.items():
+            variant = "" if not options else "-".join(f"{k.split('_', 1)[1]}_{v}" for k, v in options.items())
+            results[name, seed] = run_one(root, grid, "replora", lr, 1.0, seed, options, variant)
+    _write_csv(root / "ablations.csv", [_row(m, name) for (name, _), m in results.items()])
+    lines = [f"# RepLoRA ablations: {grid.model} on {grid.dataset}", "",
+             f"Accuracy (%), mean ± std over seeds {list(grid.seeds)}, lr {lr:g}, full training cap.", "",
+             "| variant | trainable | validation | test |", "|---|---|---|---|"]
+    best = max(ABLATIONS, key=lambda n: statistics.fmean(results[n, s]["validation_accuracy"] for s in grid.seeds))
+    for name in ABLATIONS:
+        val = [results[name, s]["validation_accuracy"] for s in grid.seeds]
+        test = [results[name, s]["test_accuracy"] for s in grid.seeds]
+        mark = " (best on validation)" if name == best else ""
+        lines.append(f"| {name}{mark} | {results[name, grid.seeds[0]]['trainable_parameters']:,} | {fmt(val)} | {fmt(test)} |")
+    report = "\n".join(lines) + "\n"
+    (root / "ablations.md").write_text(report)
+    return report

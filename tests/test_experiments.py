@@ -1,0 +1,48 @@
+"""Experiments run end to end on a tiny budget, and a second call skips every finished run."""
+from __future__ import annotations
+
+import json
+
+from replora.cli import main
+
+from test_train import sentiment_rows, tiny_folders, write_jsonl  # noqa: F401  (fixture)
+
+
+def _stamps(root):
+    return {p.parent.name: p.stat().st_mtime_ns for p in (root / "runs").glob("*/metrics.json")}
+
+
+def test_sample_efficiency_runs_end_to_end_and_resumes(tmp_path, tiny_folders, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(120))
+    args = ["experiment", "sample-efficiency", "--model", tiny_folders["bert"], "--dataset", str(data),
+            "--methods", "lora", "replora", "full", "--fractions", "0.5", "1.0", "--seeds", "0", "1",
+            "--epochs", "1", "--lrs", "1e-3", "3e-3", "--output", str(tmp_path / "se")]
+    assert main(args) == 0
+    root = tmp_path / "se"
+    # lr grid: 3 methods x 2 lrs at f = 1, seed 0; then 3 methods x 2 fractions x 2 seeds, 3 shared.
+    assert len(_stamps(root)) == 3 * 2 + 3 * 2 * 2 - 3
+    assert {p.name for p in root.iterdir()} >= {"results.csv", "results.md", "sample_efficiency.png"}
+    report = (root / "results.md").read_text()
+    assert "RepLoRA − LoRA, paired over seeds" in report and "Claim 2" not in report  # no f = 0.3 here
+    assert len((root / "results.csv").read_text().splitlines()) == 1 + 3 * 2 * 2
+    before = _stamps(root)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert _stamps(root) == before  # nothing ran again
+    assert "Sample efficiency" in capsys.readouterr().out
+
+
+def test_ablations_run_end_to_end_and_resume(tmp_path, tiny_folders):
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(60))
+    args = ["experiment", "ablations", "--model", tiny_folders["bert"], "--dataset", str(data), "--seeds", "0",
+            "--epochs", "1", "--lrs", "1e-3", "--output", str(tmp_path / "ab")]
+    assert main(args) == 0
+    root = tmp_path / "ab"
+    assert len(_stamps(root)) == 7
+    configs = [json.loads(p.read_text())["adapter_config"] for p in (root / "runs").glob("*/metrics.json")]
+    assert {c["replora_sharing"] for c in configs} == {"block", "none"}
+    assert {c["replora_activation"] for c in configs} == {"tanh", "identity", "gelu"}
+    assert "(best on validation)" in (root / "ablations.md").read_text()
+    before = _stamps(root)
+    assert main(args) == 0
+    assert _stamps(root) == before
