@@ -46,3 +46,13 @@ def test_ablations_run_end_to_end_and_resume(tmp_path, tiny_folders):
     before = _stamps(root)
     assert main(args) == 0
     assert _stamps(root) == before
+
+
+def test_theory_simulation_runs_end_to_end(tmp_path):
+    args = ["experiment", "theory", "--ns", "50", "200", "--repetitions", "2", "--inits", "1", "--lbfgs-steps", "20",
+            "--output", str(tmp_path / "th")]
+    assert main(args) == 0
+    rows = (tmp_path / "th" / "theory.csv").read_text().splitlines()
+    assert rows[0] == "method,n,repetition,error" and len(rows) == 1 + 2 * 2 * 2
+    assert "fitted log-log slope" in (tmp_path / "th" / "theory.md").read_text()
+    assert (tmp_path / "th" / "theory.png").stat().st_size > 1000

@@ -166,6 +166,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from . import experiments
 
+    if args.name == "theory":
+        from .theory import TheorySettings, run_theory
+
+        overrides = {k: v for k, v in {"ns": tuple(args.ns) if args.ns else None, "repetitions": args.repetitions,
+                                       "inits": args.inits, "lbfgs_steps": args.lbfgs_steps}.items() if v is not None}
+        root = Path(args.output or "results/theory")
+        print(run_theory(TheorySettings(**overrides), root))
+        print(f"results in {root}")
+        return 0
+
     grid = experiments.GRIDS[args.grid]
     overrides = {k: v for k, v in {
         "model": args.model, "dataset": args.dataset, "epochs": args.epochs,
@@ -204,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     experiment = sub.add_parser("experiment", help="reproduce the papers' claims: grids of real runs, resumable")
-    experiment.add_argument("name", choices=["sample-efficiency", "ablations"],
-                            help="sample-efficiency: methods x training fractions x seeds; ablations: RepLoRA's options")
+    experiment.add_argument("name", choices=["sample-efficiency", "ablations", "theory"],
+                            help="sample-efficiency: methods x training fractions x seeds; ablations: RepLoRA's "
+                                 "options; theory: the estimation-rate simulation")
     experiment.add_argument("--grid", default="minilm-rt", choices=["minilm-rt", "smollm2-siqa"],
                             help="model, data and budget (default minilm-rt: MiniLM on Rotten Tomatoes)")
     experiment.add_argument("--output", help="results folder (default results/<name>/<grid>); rerun to resume")
@@ -216,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--fractions", nargs="+", type=float, help="override the grid's training fractions")
     experiment.add_argument("--seeds", nargs="+", type=int, help="override the grid's seeds")
     experiment.add_argument("--lrs", nargs="+", type=float, help="learning-rate grid for every method")
+    experiment.add_argument("--ns", nargs="+", type=int, help="theory: sample sizes (default 1e2 to 1e5, log grid)")
+    experiment.add_argument("--repetitions", type=int, help="theory: repetitions per sample size (default 3)")
+    experiment.add_argument("--inits", type=int, help="theory: initializations per fit (default 2)")
+    experiment.add_argument("--lbfgs-steps", type=int, help="theory: L-BFGS iterations per fit (default 150)")
     experiment.set_defaults(func=cmd_experiment)
 
     demo = sub.add_parser("demo", help="the main job: LoRA and RepLoRA on MiniLM + Rotten Tomatoes, a short budget")
