@@ -109,7 +109,7 @@ class RepLoRAGenerators(nn.Module):
         for head in self.lora_A_generator.heads.values():
             nn.init.zeros_(head.bias)
             A = z @ head.weight.float().T
-            std = A.std().item()
+            std = A.pow(2).mean().sqrt().item()  # the RMS: defined for a single entry too
             if std > 0:
                 head.weight.mul_(1.0 / math.sqrt(3 * head.out_features) / std)
 

@@ -68,29 +68,33 @@ class AdaptedLayer(nn.Module):
             base = F.linear(dropped, W0)  # W0 dropout(x), as the update sees dropout(x)
         return result + ((scale - 1) * base + scale * update).to(result.dtype)
 
+    def _exact(self, t: torch.Tensor) -> torch.Tensor:
+        """t in the precision merges are computed in: float32, or the weight's own if wider (float64)."""
+        return t.to(torch.promote_types(self.weight.dtype, torch.float32))
+
     def _fold(self, adapter: TargetAdapter, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W (out, in, float32) with the adapter folded in; DoRA also returns the row norms it divided by."""
-        target = W + adapter.delta_weight().float()
+        """W (out, in, merge precision) with the adapter folded in; DoRA also returns the row norms it divided by."""
+        target = W + self._exact(adapter.delta_weight())
         if adapter.lora_magnitude is None:
             return target, None
         norm = target.norm(dim=1)
-        return target * (adapter.lora_magnitude.float() / norm)[:, None], norm
+        return target * (self._exact(adapter.lora_magnitude) / norm)[:, None], norm
 
     @torch.no_grad()
     def merged_weight(self, name: str) -> torch.Tensor:
         """The base weight with adapter `name` folded in, in the base layer's layout and dtype."""
-        W, _ = self._fold(self.lora[name], self.base_weight().float())
+        W, _ = self._fold(self.lora[name], self._exact(self.base_weight()))
         return (W.T if self.fan_in_fan_out else W).to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self, name: str | None = None) -> None:
-        """Fold the adapter into the base weight (computed in float32, stored in the weight's dtype)."""
+        """Fold the adapter into the base weight (computed in at least float32, stored in the weight's dtype)."""
         name = name or self.active_adapter
         if name in self.merged_adapters or name not in self.lora:
             return
         adapter = self.lora[name]
         W = self.base_weight()
-        target, norm = self._fold(adapter, W.float())
+        target, norm = self._fold(adapter, self._exact(W))
         if norm is not None:
             adapter.merge_norm = norm  # kept to undo the rescaling exactly in unmerge
         W.copy_(target.to(W.dtype))
@@ -102,11 +106,11 @@ class AdaptedLayer(nn.Module):
         while self.merged_adapters:
             adapter = self.lora[self.merged_adapters.pop()]
             W = self.base_weight()
-            restored = W.float()
+            restored = self._exact(W)
             if adapter.lora_magnitude is not None:
-                restored = restored * (adapter.merge_norm / adapter.lora_magnitude.float())[:, None]
+                restored = restored * (adapter.merge_norm / self._exact(adapter.lora_magnitude))[:, None]
                 del adapter.merge_norm
-            W.copy_((restored - adapter.delta_weight().float()).to(W.dtype))
+            W.copy_((restored - self._exact(adapter.delta_weight())).to(W.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, merged={self.merged_adapters}"

@@ -1,0 +1,112 @@
+"""Properties checked at random (hypothesis): layer shapes, ranks, alphas, dtypes, layer kinds and methods."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import replora
+
+from conftest import METHOD_VARIANTS
+
+TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 5e-2}
+
+
+class Block(nn.Module):
+    def __init__(self, d_in, d_q, d_v, conv):
+        super().__init__()
+        make = (lambda i, o: Conv1D(o, i)) if conv else (lambda i, o: nn.Linear(i, o))
+        self.q, self.v = make(d_in, d_q), make(d_in, d_v)
+        if conv:  # Conv1D starts with std 0.02 weights and zero bias; give it a real scale
+            for layer in (self.q, self.v):
+                nn.init.normal_(layer.weight, std=d_in ** -0.5)
+                nn.init.normal_(layer.bias, std=0.1)
+
+    def forward(self, x):
+        return torch.cat([self.q(x), self.v(x)], dim=-1)
+
+
+class Net(nn.Module):
+    def __init__(self, d_in, d_q, d_v, conv, dtype):
+        super().__init__()
+        self.layers = nn.ModuleList([Block(d_in, d_q, d_v, conv)])
+        self.to(dtype)
+
+    def forward(self, x):
+        return self.layers[0](x)
+
+
+cases = st.fixed_dictionaries({
+    "d_in": st.integers(1, 24), "d_q": st.integers(1, 24), "d_v": st.integers(1, 24), "r": st.integers(1, 8),
+    "alpha": st.floats(0.25, 64), "conv": st.booleans(), "variant": st.sampled_from(sorted(METHOD_VARIANTS)),
+    "dtype": st.sampled_from([torch.float32, torch.float64, torch.bfloat16]), "seed": st.integers(0, 2 ** 16),
+})
+
+
+def build(case):
+    torch.manual_seed(case["seed"])
+    return Net(case["d_in"], case["d_q"], case["d_v"], case["conv"], case["dtype"]).eval()
+
+
+def adapted(case):
+    options = {**METHOD_VARIANTS[case["variant"]], "r": case["r"], "lora_alpha": case["alpha"],
+               "target_modules": ["q", "v"]}
+    model = replora.inject(build(case), replora.AdapterConfig(**options))
+    generator = torch.Generator().manual_seed(case["seed"] + 1)
+    with torch.no_grad():  # move every adapter tensor off its init, as training would
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=generator).to(p.dtype))
+    return model
+
+
+def inputs(case):
+    return torch.randn(3, case["d_in"], generator=torch.Generator().manual_seed(7)).to(case["dtype"])
+
+
+def close(a, b, dtype, scale=None):
+    scale = scale if scale is not None else 1 + b.abs().max().item()
+    assert (a - b).abs().max().item() <= TOLERANCE[dtype] * scale, (a - b).abs().max().item()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases)
+def test_merge_equals_unmerged_and_unmerge_restores(case):
+    model = adapted(case)
+    x = inputs(case)
+    with torch.no_grad():
+        unmerged = model(x)
+        weights = {n: p.clone() for n, p in model.named_parameters() if "base_layer" in n}
+        replora.merge(model)
+        close(model(x), unmerged, case["dtype"])
+        merged = {n: p.clone() for n, p in model.named_parameters() if n in weights}
+        replora.unmerge(model)
+        for n, p in model.named_parameters():
+            if n in weights:  # exact up to the rounding of the merged weights in their own dtype
+                close(p, weights[n], case["dtype"], scale=1 + merged[n].abs().max().item())
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases)
+def test_save_then_load_is_exact(case):
+    model = adapted(case)
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        replora.save_adapter(model, Path(tmp) / "a")
+        fresh = replora.load_adapter(build(case), Path(tmp) / "a")
+        assert torch.equal(fresh(inputs(case)), model(inputs(case)))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases.filter(lambda c: c["dtype"] != torch.bfloat16))
+def test_export_to_peft_gives_equal_outputs(case):
+    from peft import PeftModel
+
+    model = adapted(case)
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        replora.export_peft(model, Path(tmp) / "p")
+        peft_model = PeftModel.from_pretrained(build(case), Path(tmp) / "p").eval()
+        close(peft_model(inputs(case)), model(inputs(case)), case["dtype"])
