@@ -28,7 +28,7 @@ TRAIN_OPTIONS = {
     "lr": (float, "peak learning rate of AdamW (default 1e-3)", None),
     "warmup_ratio": (float, "share of steps with linear warm-up, then linear decay (default 0.06)", None),
     "weight_decay": (float, "AdamW weight decay (default 0)", None),
-    "max_grad_norm": (float, "clip gradients to this norm (default 1.0)", None),
+    "max_grad_norm": (float, "clip gradients to this norm (default 1.0; 0 turns clipping off)", None),
     "max_length": (int, "tokens per example (default 64)", None),
     "max_train_examples": (int, "cap the training split (a fixed stratified subset) before --fraction", None),
     "max_eval_examples": (int, "cap the validation and test splits (fixed subsets)", None),

@@ -77,8 +77,8 @@ class TrainSettings:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError(f"max_grad_norm must be > 0 (or omitted to turn clipping off), got {self.max_grad_norm!r}")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.method == FULL:
@@ -236,6 +236,8 @@ def _prepare_output(s: TrainSettings, out: Path) -> Path | None:
         if changed:
             raise ValueError(f"--resume with settings that differ from the run in {out}: {', '.join(changed)}; "
                              "resume with the same settings, or start a new run in another --output")
+        for stale in (out / "checkpoints").glob(".*.tmp-*"):  # half-written by a run that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         latest = out / "checkpoints" / "latest"
         return out / "checkpoints" / latest.read_text().strip() if latest.is_file() else None
     if out.exists() and any(out.iterdir()):
