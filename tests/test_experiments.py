@@ -56,3 +56,17 @@ def test_theory_simulation_runs_end_to_end(tmp_path):
     assert rows[0] == "method,n,repetition,error" and len(rows) == 1 + 2 * 2 * 2
     assert "fitted log-log slope" in (tmp_path / "th" / "theory.md").read_text()
     assert (tmp_path / "th" / "theory.png").stat().st_size > 1000
+
+
+def test_bench_runs_on_a_tiny_model_in_seconds(tmp_path, tiny_folders):
+    args = ["bench", "--models", tiny_folders["bert"], "--ranks", "4", "--rounds", "2", "--steps", "1",
+            "--batch-size", "2", "--seq-len", "8", "--output", str(tmp_path / "b")]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "b" / "bench.json").read_text())
+    train = results["models"][0]["ranks"]["4"]["train"]
+    assert set(train) == {"peft-lora", "peft-dora", "replora-lora", "replora-dora", "replora-moslora", "replora-replora"}
+    assert all(v["peak_bytes"] > 0 and v["ratio"]["rounds"] == 2 for v in train.values())
+    assert train["peft-lora"]["ratio"]["median"] == 1.0
+    inference = results["models"][0]["ranks"]["4"]["inference"]
+    assert {"base", "replora-lora-merged", "replora-replora-unmerged", "peft-lora-unmerged"} <= set(inference)
+    assert (tmp_path / "b" / "bench.png").stat().st_size > 1000 and "time ratio" in (tmp_path / "b" / "bench.md").read_text()

@@ -195,6 +195,18 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchSettings, run_bench
+
+    overrides = {k: v for k, v in {"models": tuple(args.models) if args.models else None,
+                                   "ranks": tuple(args.ranks) if args.ranks else None, "rounds": args.rounds,
+                                   "steps": args.steps, "batch_size": args.batch_size,
+                                   "seq_len": args.seq_len}.items() if v is not None}
+    print(run_bench(BenchSettings(**overrides), Path(args.output)))
+    print(f"results in {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="replora", description="RepLoRA, MoSLoRA, LoRA and DoRA fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -232,6 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--inits", type=int, help="theory: initializations per fit (default 2)")
     experiment.add_argument("--lbfgs-steps", type=int, help="theory: L-BFGS iterations per fit (default 150)")
     experiment.set_defaults(func=cmd_experiment)
+
+    bench = sub.add_parser("bench", help="training and inference speed and memory against Hugging Face PEFT")
+    bench.add_argument("--models", nargs="+", help="models to measure (default minilm smollm2; any --model value)")
+    bench.add_argument("--ranks", nargs="+", type=int, help="adapter ranks (default 8 16 64)")
+    bench.add_argument("--rounds", type=int, help="interleaved rounds (default 7)")
+    bench.add_argument("--steps", type=int, help="timed steps per contender per round (default 3)")
+    bench.add_argument("--batch-size", type=int, help="batch size (default 8)")
+    bench.add_argument("--seq-len", type=int, help="tokens per example (default 64)")
+    bench.add_argument("--output", default="benchmarks/results", help="folder for bench.json, bench.md, bench.png")
+    bench.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo", help="the main job: LoRA and RepLoRA on MiniLM + Rotten Tomatoes, a short budget")
     demo.add_argument("--methods", nargs="+", choices=METHODS, default=["lora", "replora"])
