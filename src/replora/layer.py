@@ -61,7 +61,9 @@ class AdaptedLayer(nn.Module):
         # DoRA: y = m / ||W0 + sBA|| * (W0 x + sBA x) + b. The norm is detached from the graph, as
         # DoRA §4.3 recommends (less memory, same update direction).
         W0 = self.base_weight()
-        scale = magnitude / (W0 + B @ A).norm(dim=1).detach()
+        with torch.no_grad():
+            norm = (W0 + B @ A).norm(dim=1)
+        scale = magnitude / norm
         if isinstance(adapter.dropout, nn.Identity) or not adapter.training:
             base = result if self.bias is None else result - self.bias
         else:
