@@ -87,7 +87,8 @@ def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "
         raise ValueError(f"{where}: peft_type is {data.get('peft_type')!r}; import_peft reads PEFT LoRA and DoRA "
                          "adapters (peft_type 'LORA')")
     for option, default in PEFT_UNSUPPORTED.items():
-        if data.get(option, default) not in (default, None, {}) and data.get(option) != default:
+        value = data.get(option, default)
+        if value != default and value not in (None, {}, [], False):
             raise ValueError(f"{where}: option {option}={data[option]!r} has no replora equivalent; "
                              "replora imports LoRA/DoRA adapters with one rank and alpha for every target")
     try:
@@ -115,26 +116,23 @@ def merged_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict
     computed without changing `model`."""
     name = _require_adapter(model, adapter_name)
     layers, saved = adapted_layers(model), saved_modules(model)
-    state = {}
+    plain = {}
     for key, tensor in model.state_dict().items():
         if key.startswith(STATE_ATTR + "."):
-            continue
-        state[key] = tensor
-    plain = {}
-    for key, tensor in state.items():
+            continue  # RepLoRA's generators: folded into the merged weights
         owner = _owner(key, layers, saved)
         if owner is None:
             plain[key] = tensor
             continue
         path, wrapper = owner
         rest = key[len(path) + 1:]
+        # An adapted layer keeps its base layer's tensors; a saved module, the adapter's own copy.
         if isinstance(wrapper, AdaptedLayer):
-            if rest.startswith("base_layer."):
-                plain[f"{path}.{rest[len('base_layer.'):]}"] = tensor
+            keep = "base_layer."
         else:
-            source = f"copies.{name}." if name in wrapper.copies else "original_module."
-            if rest.startswith(source):
-                plain[f"{path}.{rest[len(source):]}"] = tensor
+            keep = f"copies.{name}." if name in wrapper.copies else "original_module."
+        if rest.startswith(keep):
+            plain[f"{path}.{rest[len(keep):]}"] = tensor
     for path, layer in layers.items():
         if name in layer.lora and name not in layer.merged_adapters:
             plain[f"{path}.weight"] = layer.merged_weight(name)
