@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import replora
-from replora.layer import AdaptedLayer
 
 from conftest import TINY_MODELS, make_config, outputs, train_steps
 

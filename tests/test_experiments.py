@@ -5,7 +5,7 @@ import json
 
 from replora.cli import main
 
-from test_train import sentiment_rows, tiny_folders, write_jsonl  # noqa: F401  (fixture)
+from conftest import sentiment_rows, write_jsonl
 
 
 def _stamps(root):

@@ -18,8 +18,8 @@ import replora.io
 import replora.train
 from replora.cli import main, read_settings_file, settings_from
 
-from conftest import TINY_MODELS, make_config, outputs, train_steps
-from test_train import ENV, sentiment_rows, tiny_folders, write_jsonl  # noqa: F401  (fixture)
+from conftest import TINY_MODELS, make_config, train_steps
+from conftest import ENV, sentiment_rows, write_jsonl
 
 BERT = TINY_MODELS["bert"]
 SRC = Path(replora.__file__).parent

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import replora
 from replora.layer import AdaptedLayer, SavedModule
 
-from conftest import TINY_MODELS, METHOD_VARIANTS, make_config, outputs, train_steps
+from conftest import TINY_MODELS, make_config, outputs, train_steps
 
 TIGHT = dict(atol=1e-5, rtol=1e-5)
 

@@ -3,55 +3,20 @@ one process and two (gloo), killed and resumed, every data format, and bad input
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
-
-from replora.assets import minilm_path
 from replora.cli import main
 from replora.data import load_task, rotten_tomatoes, bigbench, stratified_fraction
 
-ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+from conftest import ENV, sentiment_rows, write_jsonl
+
 REPLORA = [sys.executable, "-m", "replora.cli"]
-
-
-@pytest.fixture(scope="session")
-def tiny_folders(tmp_path_factory):
-    """Tiny BERT and LLaMA folders with the real MiniLM tokenizer, so the whole pipeline runs in seconds."""
-    root = tmp_path_factory.mktemp("models")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    small = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                 intermediate_size=64, max_position_embeddings=128)
-    folders = {}
-    # No dropout in the base model: a 2-process run draws its dropout masks per half-batch, so only a
-    # dropout-free model can end bit-for-bit like a 1-process run (adapter dropout is tested elsewhere).
-    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    for name, model in [("bert", BertForSequenceClassification(BertConfig(**small, **no_dropout))),
-                        ("llama", LlamaForSequenceClassification(LlamaConfig(**small, num_key_value_heads=2)))]:
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        folders[name] = str(root / name)
-    return folders
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def sentiment_rows(n: int):
-    words = ["great", "awful", "moving", "dull", "superb", "boring", "brilliant", "tedious"]
-    return [{"text": f"a {words[i % 8]} film, {words[(3 * i) % 8]} at times", "label": int(i % 8 in (0, 2, 4, 6))}
-            for i in range(n)]
 
 
 def run(args, **kwargs):

@@ -170,7 +170,7 @@ def bench_model(model_name: str, s: BenchSettings, device, log=print) -> dict:
                          "ratio_to_peft_unmerged": _ratios(infer, n, "peft-lora-unmerged")} for n in infer}
         result["ranks"][r] = {"train": train, "inference": inference}
         log(f"{model_name} r={r}: " + ", ".join(f"{n} {v['ratio']['median']:.3f}x" for n, v in train.items()))
-        del contenders, infer_models
+
     return result
 
 

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import json
 import sys
 from pathlib import Path
 
-from .config import ACTIVATIONS, METHODS, MIXER_INITS, SEED_SHAPES, SHARING_SCOPES, AdapterConfig
+from .config import ACTIVATIONS, METHODS, MIXER_INITS, SEED_SHAPES, SHARING_SCOPES
 
 # name: (type, help, choices). Types: int, float, str, bool (a switch), list (one or more values).
 TRAIN_OPTIONS = {

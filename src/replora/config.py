@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 METHODS = ("lora", "dora", "moslora", "replora")

@@ -18,7 +18,7 @@ from . import __version__
 from .config import AdapterConfig
 from .io import CONFIG_NAME, base_model_name, load_tensors, read_adapter_files, write_adapter_folder, write_folder
 from .model import STATE_ATTR, _require_adapter, adapted_layers, get_config, saved_modules, walk
-from .layer import SUPPORTED_LAYERS, AdaptedLayer, SavedModule
+from .layer import SUPPORTED_LAYERS, AdaptedLayer
 
 PEFT_PREFIX = "base_model.model."
 # PEFT LoraConfig options that change what the file means; import refuses them unless at their default.

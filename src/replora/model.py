@@ -5,7 +5,6 @@ import re
 from collections import defaultdict
 from contextlib import contextmanager
 
-import torch
 from torch import nn
 
 from .config import AdapterConfig
