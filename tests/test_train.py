@@ -3,6 +3,7 @@ one process and two (gloo), killed and resumed, every data format, and bad input
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -125,7 +126,7 @@ def test_bad_config_files_exit_2(tmp_path, capsys, text, message):
     assert message in capsys.readouterr().err
 
 
-def test_config_file_and_flags_combine(tmp_path, tiny_folders):
+def test_config_file_and_flags_combine(tmp_path, tiny_folders, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(40))
     (tmp_path / "c.yaml").write_text(f"model: {tiny_folders['bert']}\ndataset: {data}\nmethod: moslora\nr: 4\n"
                                      "epochs: 1\nbatch_size: 8\nmoslora_mixer_init: orthogonal\n")
@@ -135,6 +136,10 @@ def test_config_file_and_flags_combine(tmp_path, tiny_folders):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["adapter_config"]["r"] == 2 and metrics["adapter_config"]["modules_to_save"] == ["classifier"]
     assert {p.name for p in (tmp_path / "run").iterdir()} >= {"settings.json", "metrics.json", "log.txt", "adapter", "checkpoints"}
+    capsys.readouterr()
+    assert main(["summary", str(tmp_path / "run")]) == 0
+    assert re.search(r"moslora\s+1 0\s+\d+\.\d\d ± 0\.00", capsys.readouterr().out)
+    assert main(["summary", str(tmp_path)]) == 2  # not a run folder
     # The same output again without --resume is refused: nothing is overwritten.
     assert main(["train", "--config", str(tmp_path / "c.yaml"), "--output", str(tmp_path / "run")]) == 2
 

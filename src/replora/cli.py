@@ -194,6 +194,28 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_summary(args: argparse.Namespace) -> int:
+    """Runs grouped by method: test accuracy mean ± std over their seeds, and wall time."""
+    from collections import defaultdict
+
+    from .experiments import mean_std
+
+    groups = defaultdict(list)
+    for folder in args.runs:
+        file = Path(folder) / "metrics.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{folder} holds no finished run (no metrics.json)")
+        m = json.loads(file.read_text())
+        groups[m["method"]].append(m)
+    print(f"{'method':<9} {'runs':>4} {'seeds':<10} {'test accuracy':>16} {'wall time (s)':>16} {'trainable':>10}")
+    for method, runs in groups.items():
+        acc, secs = mean_std([m["test_accuracy"] for m in runs]), mean_std([m["wall_time_seconds"] for m in runs])
+        seeds = ",".join(str(m["seed"]) for m in runs)
+        print(f"{method:<9} {len(runs):>4} {seeds:<10} {100 * acc[0]:>9.2f} ± {100 * acc[1]:.2f} "
+              f"{secs[0]:>9.0f} ± {secs[1]:.0f} {runs[0]['trainable_parameters']:>10,}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchSettings, run_bench
 
@@ -243,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--inits", type=int, help="theory: initializations per fit (default 2)")
     experiment.add_argument("--lbfgs-steps", type=int, help="theory: L-BFGS iterations per fit (default 150)")
     experiment.set_defaults(func=cmd_experiment)
+
+    summary_parser = sub.add_parser("summary", help="table of finished runs: accuracy mean ± std per method")
+    summary_parser.add_argument("runs", nargs="+", help="run folders (each with a metrics.json)")
+    summary_parser.set_defaults(func=cmd_summary)
 
     bench = sub.add_parser("bench", help="training and inference speed and memory against Hugging Face PEFT")
     bench.add_argument("--models", nargs="+", help="models to measure (default minilm smollm2; any --model value)")
