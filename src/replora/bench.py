@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import platform
 import statistics
 import time
@@ -29,10 +30,10 @@ REPLORA_METHODS = ("lora", "dora", "moslora", "replora")
 class BenchSettings:
     models: tuple[str, ...] = ("minilm", "smollm2")
     ranks: tuple[int, ...] = (8, 16, 64)
-    batch_size: int = 8
-    seq_len: int = 64
-    rounds: int = 7
-    steps: int = 3
+    batch_size: int = 4
+    seq_len: int = 32
+    rounds: int = 5
+    steps: int = 2  # at least; more when a step is short, so each timing spans >= 0.3 s
     warmup: int = 2
     seed: int = 0
     threads: int = field(default_factory=torch.get_num_threads)
@@ -137,12 +138,14 @@ def bench_model(model_name: str, s: BenchSettings, device, log=print) -> dict:
         for name in names:
             for _ in range(s.warmup):
                 _train_step(*contenders[name], batch)
+        model, opt = contenders["peft-lora"]
+        steps = max(s.steps, math.ceil(0.3 / _timed(lambda: _train_step(model, opt, batch), device, 1)))
         times = {n: [] for n in names}
         for round_ in range(s.rounds):
             order = names[round_ % len(names):] + names[:round_ % len(names)]
             for name in order:
                 model, opt = contenders[name]
-                times[name].append(_timed(lambda: _train_step(model, opt, batch), device, s.steps))
+                times[name].append(_timed(lambda: _train_step(model, opt, batch), device, steps))
         memory = {n: _step_memory(*contenders[n], batch, device) for n in names}
         train = {n: {"median_s": statistics.median(times[n]),
                      "ratio": _ratios(times, n, "peft-dora" if n == "replora-dora" else "peft-lora"),
@@ -162,10 +165,11 @@ def bench_model(model_name: str, s: BenchSettings, device, log=print) -> dict:
             for name, model in infer_models.items():
                 for _ in range(s.warmup):
                     model(**batch)
+            calls = max(s.steps, math.ceil(0.3 / _timed(lambda: base(**batch), device, 1)))
             for round_ in range(s.rounds):
                 keys = list(infer_models)
                 for name in keys[round_ % len(keys):] + keys[:round_ % len(keys)]:
-                    infer[name].append(_timed(lambda: infer_models[name](**batch), device, s.steps))
+                    infer[name].append(_timed(lambda: infer_models[name](**batch), device, calls))
         inference = {n: {"median_s": statistics.median(infer[n]), "ratio_to_base": _ratios(infer, n, "base"),
                          "ratio_to_peft_unmerged": _ratios(infer, n, "peft-lora-unmerged")} for n in infer}
         result["ranks"][r] = {"train": train, "inference": inference}
@@ -192,7 +196,7 @@ def run_bench(s: BenchSettings, root: Path, log=print) -> str:
 def _report(results: dict) -> str:
     s = results["settings"]
     lines = [f"# replora vs PEFT: {results['device']}, {s['threads']} threads, batch {s['batch_size']} x "
-             f"{s['seq_len']} tokens, {s['rounds']} interleaved rounds of {s['steps']} steps", "",
+             f"{s['seq_len']} tokens, {s['rounds']} interleaved rounds (each timing >= 0.3 s)", "",
              "Training step (forward, backward, AdamW): median ratio [quartiles] to PEFT LoRA (replora-dora: to "
              "PEFT DoRA), and peak memory ratio.", ""]
     for m in results["models"]:

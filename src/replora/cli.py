@@ -28,7 +28,7 @@ TRAIN_OPTIONS = {
     "warmup_ratio": (float, "share of steps with linear warm-up, then linear decay (default 0.06)", None),
     "weight_decay": (float, "AdamW weight decay (default 0)", None),
     "max_grad_norm": (float, "clip gradients to this norm (default 1.0; 0 turns clipping off)", None),
-    "max_length": (int, "tokens per example (default 64)", None),
+    "max_length": (int, "tokens per example (default 32)", None),
     "max_train_examples": (int, "cap the training split (a fixed stratified subset) before --fraction", None),
     "max_eval_examples": (int, "cap the validation and test splits (fixed subsets)", None),
     "eval_batch_size": (int, "batch size for evaluation (default 64)", None),
@@ -273,10 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="training and inference speed and memory against Hugging Face PEFT")
     bench.add_argument("--models", nargs="+", help="models to measure (default minilm smollm2; any --model value)")
     bench.add_argument("--ranks", nargs="+", type=int, help="adapter ranks (default 8 16 64)")
-    bench.add_argument("--rounds", type=int, help="interleaved rounds (default 7)")
-    bench.add_argument("--steps", type=int, help="timed steps per contender per round (default 3)")
-    bench.add_argument("--batch-size", type=int, help="batch size (default 8)")
-    bench.add_argument("--seq-len", type=int, help="tokens per example (default 64)")
+    bench.add_argument("--rounds", type=int, help="interleaved rounds (default 5)")
+    bench.add_argument("--steps", type=int, help="timed steps per contender per round, at least (default 2)")
+    bench.add_argument("--batch-size", type=int, help="batch size (default 4)")
+    bench.add_argument("--seq-len", type=int, help="tokens per example (default 32)")
     bench.add_argument("--output", default="benchmarks/results", help="folder for bench.json, bench.md, bench.png")
     bench.set_defaults(func=cmd_bench)
 
