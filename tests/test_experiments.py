@@ -60,7 +60,7 @@ def test_theory_simulation_runs_end_to_end(tmp_path):
 
 def test_bench_runs_on_a_tiny_model_in_seconds(tmp_path, tiny_folders):
     args = ["bench", "--models", tiny_folders["bert"], "--ranks", "4", "--rounds", "2", "--steps", "1",
-            "--batch-size", "2", "--seq-len", "8", "--output", str(tmp_path / "b")]
+            "--batch-size", "2", "--seq-len", "8", "--min-time", "0.01", "--output", str(tmp_path / "b")]
     assert main(args) == 0
     results = json.loads((tmp_path / "b" / "bench.json").read_text())
     train = results["models"][0]["ranks"]["4"]["train"]

@@ -33,7 +33,8 @@ class BenchSettings:
     batch_size: int = 4
     seq_len: int = 32
     rounds: int = 5
-    steps: int = 2  # at least; more when a step is short, so each timing spans >= 0.3 s
+    steps: int = 2  # at least; more when a step is short, so each timing spans >= min_time
+    min_time: float = 0.3
     warmup: int = 2
     seed: int = 0
     threads: int = field(default_factory=torch.get_num_threads)
@@ -139,7 +140,7 @@ def bench_model(model_name: str, s: BenchSettings, device, log=print) -> dict:
             for _ in range(s.warmup):
                 _train_step(*contenders[name], batch)
         model, opt = contenders["peft-lora"]
-        steps = max(s.steps, math.ceil(0.3 / _timed(lambda: _train_step(model, opt, batch), device, 1)))
+        steps = max(s.steps, math.ceil(s.min_time / _timed(lambda: _train_step(model, opt, batch), device, 1)))
         times = {n: [] for n in names}
         for round_ in range(s.rounds):
             order = names[round_ % len(names):] + names[:round_ % len(names)]
@@ -165,7 +166,7 @@ def bench_model(model_name: str, s: BenchSettings, device, log=print) -> dict:
             for name, model in infer_models.items():
                 for _ in range(s.warmup):
                     model(**batch)
-            calls = max(s.steps, math.ceil(0.3 / _timed(lambda: base(**batch), device, 1)))
+            calls = max(s.steps, math.ceil(s.min_time / _timed(lambda: base(**batch), device, 1)))
             for round_ in range(s.rounds):
                 keys = list(infer_models)
                 for name in keys[round_ % len(keys):] + keys[:round_ % len(keys)]:
@@ -196,7 +197,7 @@ def run_bench(s: BenchSettings, root: Path, log=print) -> str:
 def _report(results: dict) -> str:
     s = results["settings"]
     lines = [f"# replora vs PEFT: {results['device']}, {s['threads']} threads, batch {s['batch_size']} x "
-             f"{s['seq_len']} tokens, {s['rounds']} interleaved rounds (each timing >= 0.3 s)", "",
+             f"{s['seq_len']} tokens, {s['rounds']} interleaved rounds (each timing >= {s['min_time']} s)", "",
              "Training step (forward, backward, AdamW): median ratio [quartiles] to PEFT LoRA (replora-dora: to "
              "PEFT DoRA), and peak memory ratio.", ""]
     for m in results["models"]:

@@ -222,7 +222,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"models": tuple(args.models) if args.models else None,
                                    "ranks": tuple(args.ranks) if args.ranks else None, "rounds": args.rounds,
                                    "steps": args.steps, "batch_size": args.batch_size,
-                                   "seq_len": args.seq_len}.items() if v is not None}
+                                   "seq_len": args.seq_len, "min_time": args.min_time}.items() if v is not None}
     print(run_bench(BenchSettings(**overrides), Path(args.output)))
     print(f"results in {args.output}")
     return 0
@@ -277,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, help="timed steps per contender per round, at least (default 2)")
     bench.add_argument("--batch-size", type=int, help="batch size (default 4)")
     bench.add_argument("--seq-len", type=int, help="tokens per example (default 32)")
+    bench.add_argument("--min-time", type=float, help="seconds each timing spans at least (default 0.3)")
     bench.add_argument("--output", default="benchmarks/results", help="folder for bench.json, bench.md, bench.png")
     bench.set_defaults(func=cmd_bench)
 
