@@ -84,10 +84,12 @@ def find_modules_to_save(model: nn.Module, config: AdapterConfig) -> dict[str, n
     return found
 
 
-def find_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module]:
-    """The layers config.target_modules names, in model order; a clear error if there are none."""
+def find_targets(model: nn.Module, config: AdapterConfig, to_save: dict | None = None) -> dict[str, nn.Module]:
+    """The layers config.target_modules names, in model order, outside modules_to_save; a clear error
+    if there are none."""
     layers = {n: m for n, m in walk(model) if isinstance(m, SUPPORTED_LAYERS + (AdaptedLayer,))}
-    excluded = tuple(n + "." for n in find_modules_to_save(model, config))
+    to_save = find_modules_to_save(model, config) if to_save is None else to_save
+    excluded = tuple(n + "." for n in to_save)
     layers = {n: m for n, m in layers.items() if not (n + ".").startswith(excluded)}
     spec = config.target_modules
     if spec is None:
@@ -239,8 +241,8 @@ def _add(model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"expected a replora.AdapterConfig, got {type(config).__name__}")
     config.validate()
-    targets = find_targets(model, config)
     to_save = find_modules_to_save(model, config)
+    targets = find_targets(model, config, to_save)
     for path in to_save:
         if path in targets or isinstance(to_save[path], AdaptedLayer):
             raise ValueError(f"module {path!r} is both an adapter target and in modules_to_save; choose one")
