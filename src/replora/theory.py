@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,11 +156,20 @@ def _plot(rows, slopes, s, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for method, color in (("lora", "C0"), ("replora", "C3")):
+    anchor = None
+    for method, color, style in (("lora", "C0", dict(marker="o", markersize=9, markerfacecolor="none")),
+                                 ("replora", "C3", dict(marker="x"))):
         pts = [(r["n"], r["error"]) for r in rows if r["method"] == method]
-        ax.scatter(*zip(*pts), s=12, alpha=0.5, color=color)
-        medians = [sorted(e for n2, e in pts if n2 == n)[len([1 for n2, _ in pts if n2 == n]) // 2] for n in s.ns]
-        ax.plot(s.ns, medians, color=color, marker="o", label=f"{method} (slope {slopes[method]:.2f})")
+        ax.scatter(*zip(*pts), s=10, alpha=0.4, color=color)
+        medians = [statistics.median(e for n2, e in pts if n2 == n) for n in s.ns]
+        anchor = anchor or medians[0]
+        ax.plot(s.ns, medians, color=color, label=f"{method}: median, fitted slope {slopes[method]:.2f}", **style)
+    # Seed 001's rates, drawn through the first median: LoRA 1/log(n)^tau (tau = 1), RepLoRA (log n / n)^(1/4).
+    n0 = s.ns[0]
+    ax.plot(s.ns, [anchor * math.log(n0) / math.log(n) for n in s.ns], "C0--", alpha=0.6,
+            label="seed 001, LoRA: 1 / log(n)")
+    ax.plot(s.ns, [anchor * (math.log(n) / n / (math.log(n0) / n0)) ** 0.25 for n in s.ns], "C3--", alpha=0.6,
+            label="seed 001, RepLoRA: (log(n) / n)^(1/4)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("samples n")
