@@ -249,6 +249,7 @@ def _prepare_output(s: TrainSettings, out: Path) -> Path | None:
 def train(settings: TrainSettings) -> dict:
     """Run one fine-tuning job; returns the metrics also written to <output>/metrics.json."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -260,6 +261,9 @@ def train(settings: TrainSettings) -> dict:
     # accelerate-launch run on CPUs would not form its gloo process group.
     has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
         hasattr(torch, "xpu") and torch.xpu.is_available())
+    # Accelerate keeps its settings (mixed precision, ...) in a process-wide singleton; a second train() in
+    # one process (experiments, notebooks) may ask for others. The process group itself is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(gradient_accumulation_steps=s.grad_accum, mixed_precision=s.mixed_precision,
                               cpu=not has_accelerator, dataloader_config=DataLoaderConfiguration(split_batches=True))
     if s.batch_size % accelerator.num_processes:
