@@ -154,6 +154,9 @@ def _build_replora(config: AdapterConfig, layers: dict[str, AdaptedLayer]):
     shared: dict[tuple, RepLoRAGenerators] = {}  # "model" sharing: one generator pair per block shape
     for group_path, members in groups.items():
         group_layers = {_key(role): layers[path] for role, path in members.items()}
+        if len(group_layers) < len(members) or _key(group_path) in bank.groups:
+            raise ValueError(f"module names under {group_path!r} collide once dots become underscores; "
+                             "use replora_sharing='none' or target these layers in separate adapters")
         like = _like(next(iter(group_layers.values())).base_layer)
         in_sizes = {role: layer.in_features for role, layer in group_layers.items()}
         out_sizes = {role: layer.out_features for role, layer in group_layers.items()}
