@@ -151,3 +151,23 @@ def test_eval_model_stays_eval_and_training_model_stays_training():
     train = BERT.build().train()
     replora.inject(train, make_config(BERT, "lora-rslora-dropout"))
     assert all(m.training for m in train.modules())
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_replora_trains_under_gradient_checkpointing_with_the_same_gradients(name):
+    """transformers checkpoints a layer's forward (its hooks stay outside); the recompute must generate
+    the group's factors in the same order as the forward did."""
+    tiny = TINY_MODELS[name]
+    plain = train_steps(replora.inject(tiny.build(), make_config(tiny, "replora", lora_dropout=0.0)), tiny)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for model in (plain, checkpointed):
+        model.train()
+        model.config.use_cache = False
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks in both
+        model(**tiny.inputs(seed=9)).logits.pow(2).mean().backward()
+    ours = dict(checkpointed.named_parameters())
+    for n, p in plain.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(ours[n].grad, p.grad, atol=1e-6, rtol=1e-5, msg=n)

@@ -119,8 +119,10 @@ class RepLoRAGroup(nn.Module):
 
     Diagonal seed: A = diag(a), B = diag(b) with a = b = 1 at init; the generators see their rows.
     Full seed: free (r, width) matrices through the same row-wise MLP, initialized as LoRA's A.
-    While the group's block runs forward, its factors are generated once and shared by the block's
-    targets (`open_cache` / `close_cache` are that block's forward hooks).
+    The first target of the group that runs generates the factors of all its targets; the others
+    reuse them. A target asking again (the block runs again, or is recomputed by gradient
+    checkpointing), changed parameters or another grad mode start a new generation, so generators
+    run once per group per forward, in the same order in a checkpoint's recompute as in its forward.
     """
 
     def __init__(self, config: AdapterConfig, generators: RepLoRAGenerators, seed_widths: tuple[int, int], **like):
@@ -135,7 +137,17 @@ class RepLoRAGroup(nn.Module):
         # A reference, not a submodule: generators may be shared by several groups ("model" sharing)
         # and are registered once, in the bank.
         object.__setattr__(self, "generators", generators)
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._reset_cache()
+
+    def _reset_cache(self) -> None:
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._served: set[str] = set()
+        self._cache_key = None
+
+    def __getstate__(self):  # copies and pickles never carry generated tensors (or their graphs)
+        state = dict(self.__dict__)
+        state.update(_cache={}, _served=set(), _cache_key=None)
+        return state
 
     def seed_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.lora_A_seed, self.lora_B_seed
@@ -148,18 +160,17 @@ class RepLoRAGroup(nn.Module):
         # Row i of A_t is head_t(z_i); column j of B_t is head_t(z_j).
         return {role: (gA.heads[role](zA), gB.heads[role](zB).T) for role in roles}
 
+    def _state_key(self) -> tuple:
+        params = (self.lora_A_seed, self.lora_B_seed, *self.generators.parameters())
+        return (torch.is_grad_enabled(), *(p._version for p in params))
+
     def factors(self, role: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cache is None:
-            return self.generate([role])[role]
-        if not self._cache:
-            self._cache.update(self.generate(self.generators.lora_A_generator.heads.keys()))
+        key = self._state_key()
+        if role in self._served or key != self._cache_key or role not in self._cache:
+            self._cache = self.generate(self.generators.lora_A_generator.heads.keys())
+            self._served, self._cache_key = set(), key
+        self._served.add(role)
         return self._cache[role]
-
-    def open_cache(self, *_):
-        self._cache = {}
-
-    def close_cache(self, *_):
-        self._cache = None
 
 
 class GeneratedFactors(TargetAdapter):

@@ -27,7 +27,6 @@ class AdapterState(nn.Module):
         self.configs: dict[str, AdapterConfig] = {}
         self.active_adapter: str | None = None
         self.requires_grad_before: dict[str, bool] = {}
-        self.hooks: dict[str, list] = {}  # adapter name -> its RepLoRA groups' cache hooks
 
 
 class RepLoRABank(nn.Module):
@@ -140,7 +139,7 @@ def _key(path: str) -> str:
 
 
 def _build_replora(config: AdapterConfig, layers: dict[str, AdaptedLayer]):
-    """Group the targets (METHODS.md), build seeds and generators; returns (bank, adapters, hook sites)."""
+    """Group the targets (METHODS.md), build seeds and generators; returns (bank, adapters)."""
     groups: dict[str, dict[str, str]] = defaultdict(dict)  # group path -> role -> target path
     in_block: dict[str, bool] = {}
     for path in layers:
@@ -150,7 +149,7 @@ def _build_replora(config: AdapterConfig, layers: dict[str, AdaptedLayer]):
         else:
             groups[block][path[len(block) + 1:]] = path
         in_block[block or path] = block is not None
-    bank, adapters, hook_sites = RepLoRABank(), {}, []
+    bank, adapters = RepLoRABank(), {}
     shared: dict[tuple, RepLoRAGenerators] = {}  # "model" sharing: one generator pair per block shape
     for group_path, members in groups.items():
         group_layers = {_key(role): layers[path] for role, path in members.items()}
@@ -178,9 +177,7 @@ def _build_replora(config: AdapterConfig, layers: dict[str, AdaptedLayer]):
         bank.groups[_key(group_path)] = group
         for role, path in members.items():
             adapters[path] = GeneratedFactors(config, group, _key(role))
-        if len(members) > 1:
-            hook_sites.append((group_path, group))
-    return bank, adapters, hook_sites
+    return bank, adapters
 
 
 def _like(layer: nn.Module) -> dict:
@@ -253,9 +250,9 @@ def _add(model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
     layers = {path: base if isinstance(base, AdaptedLayer) else AdaptedLayer(base).train(base.training)
               for path, base in targets.items()}
     state = adapter_state(model) or AdapterState()
-    bank, hook_sites = None, []
+    bank = None
     if config.method == "replora":
-        bank, adapters, hook_sites = _build_replora(config, layers)
+        bank, adapters = _build_replora(config, layers)
         bank.train(model.training)
     else:
         adapters = {path: _build_adapter(config, layer) for path, layer in layers.items()}
@@ -276,11 +273,6 @@ def _add(model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
         if not isinstance(module, SavedModule):
             module = _replace(model, path, SavedModule(module).train(module.training))
         module.add_copy(adapter_name)
-    state.hooks[adapter_name] = []
-    for block_path, group in hook_sites:
-        block = model.get_submodule(block_path)
-        state.hooks[adapter_name] += [block.register_forward_pre_hook(group.open_cache),
-                                      block.register_forward_hook(group.close_cache, always_call=True)]
 
 
 def _replace(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
@@ -344,8 +336,6 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
             del module.copies[name]
             if not len(module.copies):
                 _replace(model, path, module.original_module)
-    for handle in state.hooks.pop(name, []):
-        handle.remove()
     if name in state.banks:
         del state.banks[name]
     del state.configs[name]
@@ -384,9 +374,6 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         _replace(model, path, layer.base_layer)
     for path, module in saved_modules(model).items():
         _replace(model, path, module.current() if merge else module.original_module)
-    for handles in state.hooks.values():
-        for handle in handles:
-            handle.remove()
     delattr(model, STATE_ATTR)
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad_before.get(name, param.requires_grad))
