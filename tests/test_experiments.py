@@ -21,10 +21,10 @@ def test_sample_efficiency_runs_end_to_end_and_resumes(tmp_path, tiny_folders, c
     root = tmp_path / "se"
     # lr grid: 3 methods x 2 lrs at f = 1, seed 0; then 3 methods x 2 fractions x 2 seeds, 3 shared.
     assert len(_stamps(root)) == 3 * 2 + 3 * 2 * 2 - 3
-    assert {p.name for p in root.iterdir()} >= {"results.csv", "results.md", "sample_efficiency.png"}
-    report = (root / "results.md").read_text()
+    assert {p.name for p in root.iterdir()} >= {"sample_efficiency.csv", "sample_efficiency.md", "sample_efficiency.png"}
+    report = (root / "sample_efficiency.md").read_text()
     assert "RepLoRA − LoRA, paired over seeds" in report and "Claim 2" not in report  # no f = 0.3 here
-    assert len((root / "results.csv").read_text().splitlines()) == 1 + 3 * 2 * 2
+    assert len((root / "sample_efficiency.csv").read_text().splitlines()) == 1 + 3 * 2 * 2
     before = _stamps(root)
     capsys.readouterr()
     assert main(args) == 0

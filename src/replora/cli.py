@@ -185,7 +185,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if args.lrs:
         overrides["lrs"] = {m: tuple(args.lrs) for m in overrides.get("methods", grid.methods)}
     grid = __import__("dataclasses").replace(grid, **overrides)
-    root = Path(args.output or f"results/{args.name}/{args.grid}")
+    root = Path(args.output or f"results/{args.grid}")  # the experiments of a grid share its runs
     if args.name == "sample-efficiency":
         print(experiments.sample_efficiency(grid, root))
     else:
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "options; theory: the estimation-rate simulation")
     experiment.add_argument("--grid", default="minilm-rt", choices=["minilm-rt", "smollm2-siqa"],
                             help="model, data and budget (default minilm-rt: MiniLM on Rotten Tomatoes)")
-    experiment.add_argument("--output", help="results folder (default results/<name>/<grid>); rerun to resume")
+    experiment.add_argument("--output", help="results folder (default results/<grid>, shared by its experiments); rerun to resume")
     for flag, kind in [("--model", str), ("--dataset", str), ("--epochs", int), ("--max-train-examples", int),
                        ("--max-eval-examples", int)]:
         experiment.add_argument(flag, type=kind, help="override the grid's setting")

@@ -1,8 +1,9 @@
 """`replora experiment ...`: the papers' claims as grids of real training runs.
 
-Every run is an ordinary `train()` run in its own folder under the experiment's output folder, named
-by its settings; a run whose metrics.json exists is skipped and an interrupted one resumes, so a grid
-can be finished over several sittings. Learning rates are picked per method on the validation split
+Every run is an ordinary `train()` run in its own folder under `<grid folder>/runs`, named by its
+settings and shared by the experiments of that grid (RepLoRA's default runs serve both the sample-efficiency
+grid and the ablations); a run whose metrics.json exists is skipped and an interrupted one resumes, so a
+grid can be finished over several sittings. Learning rates are picked per method on the validation split
 (seed 0, full training fraction), never on test.
 """
 from __future__ import annotations
@@ -118,13 +119,13 @@ def paired(a: list[float], b: list[float]) -> str:
     """a - b over seeds: mean ± std of the differences, wins, and the paired t statistic."""
     diffs = [x - y for x, y in zip(a, b)]
     mean, std = mean_std(diffs)
-    t = mean / (std / math.sqrt(len(diffs))) if std > 0 else float("inf") * (1 if mean > 0 else -1 if mean < 0 else 0)
-    return f"{100 * mean:+.1f} ± {100 * std:.1f} pts, {sum(d > 0 for d in diffs)}/{len(diffs)} seeds better, t = {t:.2f}"
+    t = f"t = {mean / (std / math.sqrt(len(diffs))):.2f}" if std > 0 else "t undefined (no spread)"
+    return f"{100 * mean:+.1f} ± {100 * std:.1f} pts, {sum(d > 0 for d in diffs)}/{len(diffs)} seeds better, {t}"
 
 
 def sample_efficiency(grid: Grid, root: Path, plot: bool = True) -> str:
-    """Every method x fraction x seed at its picked learning rate; writes results.csv, results.md, and
-    sample_efficiency.png. Returns the markdown report."""
+    """Every method x fraction x seed at its picked learning rate; writes sample_efficiency.csv / .md /
+    .png. Returns the markdown report."""
     root.mkdir(parents=True, exist_ok=True)
     lrs = pick_lrs(root, grid)
     results = {}
@@ -133,7 +134,7 @@ def sample_efficiency(grid: Grid, root: Path, plot: bool = True) -> str:
             for method in grid.methods:
                 results[method, fraction, seed] = run_one(root, grid, method, lrs[method], fraction, seed)
     rows = [_row(m) for m in results.values()]
-    _write_csv(root / "results.csv", rows)
+    _write_csv(root / "sample_efficiency.csv", rows)
     acc = lambda method, fraction: [results[method, fraction, s]["test_accuracy"] for s in grid.seeds]  # noqa: E731
     lines = [f"# Sample efficiency: {grid.model} on {grid.dataset}", "",
              f"Test accuracy (%), mean ± std over seeds {list(grid.seeds)}; learning rate picked per method on "
@@ -155,7 +156,7 @@ def sample_efficiency(grid: Grid, root: Path, plot: bool = True) -> str:
                           f"{fmt(rep30)}; LoRA at 100%: {fmt(lora100)}; difference "
                           f"{paired(rep30, lora100)}. {'Held' if reached else 'Did not hold'} here."]
     report = "\n".join(lines) + "\n"
-    (root / "results.md").write_text(report)
+    (root / "sample_efficiency.md").write_text(report)
     if plot:
         _plot(results, grid, root / "sample_efficiency.png")
     return report
@@ -194,15 +195,25 @@ def ablations(grid: Grid, root: Path, lr: float | None = None) -> str:
             variant = "" if not options else "-".join(f"{k.split('_', 1)[1]}_{v}" for k, v in options.items())
             results[name, seed] = run_one(root, grid, "replora", lr, 1.0, seed, options, variant)
     _write_csv(root / "ablations.csv", [_row(m, name) for (name, _), m in results.items()])
+    val = {n: [results[n, s]["validation_accuracy"] for s in grid.seeds] for n in ABLATIONS}
+    default = next(iter(ABLATIONS))
     lines = [f"# RepLoRA ablations: {grid.model} on {grid.dataset}", "",
-             f"Accuracy (%), mean ± std over seeds {list(grid.seeds)}, lr {lr:g}, full training cap.", "",
-             "| variant | trainable | validation | test |", "|---|---|---|---|"]
-    best = max(ABLATIONS, key=lambda n: statistics.fmean(results[n, s]["validation_accuracy"] for s in grid.seeds))
+             f"Accuracy (%), mean ± std over seeds {list(grid.seeds)}, lr {lr:g}, full training cap; the last "
+             "column pairs each variant with the default seed by seed on validation.", "",
+             "| variant | trainable | validation | test | validation − default |", "|---|---|---|---|---|"]
+    best = max(ABLATIONS, key=lambda n: statistics.fmean(val[n]))
     for name in ABLATIONS:
-        val = [results[name, s]["validation_accuracy"] for s in grid.seeds]
         test = [results[name, s]["test_accuracy"] for s in grid.seeds]
         mark = " (best on validation)" if name == best else ""
-        lines.append(f"| {name}{mark} | {results[name, grid.seeds[0]]['trainable_parameters']:,} | {fmt(val)} | {fmt(test)} |")
+        versus = "" if name == default else paired(val[name], val[default])
+        lines.append(f"| {name}{mark} | {results[name, grid.seeds[0]]['trainable_parameters']:,} | {fmt(val[name])} | "
+                     f"{fmt(test)} | {versus} |")
+    # The rule, fixed before any run: the default moves only to a variant whose mean paired advantage on
+    # validation exceeds the spread of that advantage over seeds; a smaller edge is noise at 3 seeds.
+    diffs = [a - b for a, b in zip(val[best], val[default])]
+    moves = best != default and len(diffs) > 1 and mean_std(diffs)[0] > mean_std(diffs)[1]
+    lines += ["", f"Default rule (validation only): {'move the default to ' + repr(best) if moves else 'keep the default'}"
+                  f"; best on validation: {best}."]
     report = "\n".join(lines) + "\n"
     (root / "ablations.md").write_text(report)
     return report
