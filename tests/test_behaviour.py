@@ -57,7 +57,7 @@ def test_replora_groups_a_blocks_targets_and_lone_targets_get_their_own():
         "bert_pooler_dense": ["dense"],
     }
     train_steps(model, BERT)  # the lone target trains as well
-    assert model.replora.banks["default"].generators["bert_pooler_dense"].lora_B_generator.heads["dense"].weight.abs().sum() > 0
+    assert model.replora.banks["default"].generators["bert_pooler_dense"].lora_B_generator.head.weight.abs().sum() > 0
 
 
 def test_model_sharing_uses_one_generator_pair_for_blocks_of_equal_shape():
@@ -73,7 +73,7 @@ def test_generators_run_once_per_group_per_forward(sharing, calls_per_forward):
     model = replora.inject(BERT.build(), make_config(BERT, "replora", replora_sharing=sharing))
     calls = []
     for generators in model.replora.banks["default"].generators.values():
-        generators.lora_A_generator.hidden.register_forward_hook(lambda *_: calls.append(1))
+        generators.lora_A_generator.head.register_forward_hook(lambda *_: calls.append(1))
     model.train()
     model(**BERT.inputs()).logits.sum().backward()
     assert len(calls) == calls_per_forward

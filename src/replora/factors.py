@@ -75,16 +75,42 @@ ACTIVATIONS = {"tanh": torch.tanh, "gelu": F.gelu, "relu": F.relu, "identity": l
 
 
 class Generator(nn.Module):
-    """g_theta: an MLP applied to each seed row, with one output head per target role."""
+    """g_theta: an MLP applied to each seed row, with one output head per target role.
+
+    The heads are one fused weight (`head`, rows role after role as listed in `head_sizes`): one
+    matmul and two parameter tensors per generator however many targets it serves, which is what
+    keeps RepLoRA's step within a few percent of LoRA's.
+    """
 
     def __init__(self, seed_width: int, hidden: int, activation: str, head_sizes: dict[str, int], **like):
         super().__init__()
         self.activation = activation
+        self.head_sizes = dict(head_sizes)
         self.hidden = nn.Linear(seed_width, hidden, **like)
-        self.heads = nn.ModuleDict({role: nn.Linear(hidden, size, **like) for role, size in head_sizes.items()})
+        # Each role's rows are drawn as nn.Linear(hidden, size) draws them, role after role.
+        parts = [nn.Linear(hidden, size, **like) for size in self.head_sizes.values()]
+        self.head = nn.utils.skip_init(nn.Linear, hidden, sum(self.head_sizes.values()), **like)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.cat([p.weight for p in parts]))
+            self.head.bias.copy_(torch.cat([p.bias for p in parts]))
 
     def features(self, seed_rows: torch.Tensor) -> torch.Tensor:
         return ACTIVATIONS[self.activation](self.hidden(seed_rows))
+
+    def diagonal_features(self, seed: torch.Tensor) -> torch.Tensor:
+        """features(diag(seed)) without building diag(seed): row i is sigma(seed_i W[:, i] + b)."""
+        return ACTIVATIONS[self.activation](torch.addcmul(self.hidden.bias, seed.unsqueeze(1), self.hidden.weight.T))
+
+    def outputs(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each role's (rows, size) output of its head, as views of one matmul."""
+        return dict(zip(self.head_sizes, self.head(features).split(list(self.head_sizes.values()), dim=1)))
+
+    def role_rows(self) -> dict[str, slice]:
+        """The rows of `head` that belong to each role."""
+        bounds, start = {}, 0
+        for role, size in self.head_sizes.items():
+            bounds[role], start = slice(start, start + size), start + size
+        return bounds
 
 
 class RepLoRAGenerators(nn.Module):
@@ -96,22 +122,22 @@ class RepLoRAGenerators(nn.Module):
         h, act = config.hidden_size, config.replora_activation
         self.lora_A_generator = Generator(seed_widths[0], h, act, in_sizes, **like)
         self.lora_B_generator = Generator(seed_widths[1], h, act, out_sizes, **like)
-        for head in self.lora_B_generator.heads.values():
-            # B heads start at zero (weights and bias): dW = 0 at init, as LoRA's B = 0.
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
+        # B heads start at zero (weights and bias): dW = 0 at init, as LoRA's B = 0.
+        nn.init.zeros_(self.lora_B_generator.head.weight)
+        nn.init.zeros_(self.lora_B_generator.head.bias)
 
     @torch.no_grad()
     def calibrate_A_heads(self, A_seed_rows: torch.Tensor) -> None:
         """Project choice: scale each A head so that the generated A_t has LoRA's init scale,
         std 1 / sqrt(3 in_t) (the std of U(-1/sqrt(in), 1/sqrt(in)))."""
-        z = self.lora_A_generator.features(A_seed_rows).float()
-        for head in self.lora_A_generator.heads.values():
-            nn.init.zeros_(head.bias)
-            A = z @ head.weight.float().T
-            std = A.pow(2).mean().sqrt().item()  # the RMS: defined for a single entry too
+        generator = self.lora_A_generator
+        z = generator.features(A_seed_rows).float()
+        nn.init.zeros_(generator.head.bias)
+        for rows in generator.role_rows().values():
+            weight = generator.head.weight[rows]
+            std = (z @ weight.float().T).pow(2).mean().sqrt().item()  # the RMS: defined for a single entry too
             if std > 0:
-                head.weight.mul_(1.0 / math.sqrt(3 * head.out_features) / std)
+                weight.mul_(1.0 / math.sqrt(3 * weight.shape[0]) / std)
 
 
 class RepLoRAGroup(nn.Module):
@@ -153,12 +179,15 @@ class RepLoRAGroup(nn.Module):
         a, b = self.lora_A_seed, self.lora_B_seed
         return (torch.diag(a), torch.diag(b)) if a.dim() == 1 else (a, b)
 
-    def generate(self, roles) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def generate(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         gA, gB = self.generators.lora_A_generator, self.generators.lora_B_generator
-        rows_A, rows_B = self.seed_rows()
-        zA, zB = gA.features(rows_A), gB.features(rows_B)
+        if self.lora_A_seed.dim() == 1:
+            zA, zB = gA.diagonal_features(self.lora_A_seed), gB.diagonal_features(self.lora_B_seed)
+        else:
+            zA, zB = gA.features(self.lora_A_seed), gB.features(self.lora_B_seed)
         # Row i of A_t is head_t(z_i); column j of B_t is head_t(z_j).
-        return {role: (gA.heads[role](zA), gB.heads[role](zB).T) for role in roles}
+        A, B = gA.outputs(zA), gB.outputs(zB)
+        return {role: (A[role], B[role].T) for role in A}
 
     def _state_key(self) -> tuple:
         params = (self.lora_A_seed, self.lora_B_seed, *self.generators.parameters())
@@ -167,7 +196,7 @@ class RepLoRAGroup(nn.Module):
     def factors(self, role: str) -> tuple[torch.Tensor, torch.Tensor]:
         key = self._state_key()
         if role in self._served or key != self._cache_key or role not in self._cache:
-            self._cache = self.generate(self.generators.lora_A_generator.heads.keys())
+            self._cache = self.generate()
             self._served, self._cache_key = set(), key
         self._served.add(role)
         return self._cache[role]
