@@ -85,6 +85,47 @@ def test_generators_run_once_per_group_per_forward(sharing, calls_per_forward):
     torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ delta.T)
 
 
+def test_inference_reuses_generated_factors_until_a_parameter_changes():
+    model = train_steps(replora.inject(BERT.build(), make_config(BERT, "replora")), BERT).eval()
+    calls = []
+    for generators in model.replora.banks["default"].generators.values():
+        generators.lora_A_generator.head.register_forward_hook(lambda *_: calls.append(1))
+    inputs = BERT.inputs()
+
+    def fresh_outputs():  # what a freshly built model with these parameters computes
+        clone = replora.inject(BERT.build(), make_config(BERT, "replora")).eval()
+        clone.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            return clone(**inputs).logits
+
+    with torch.no_grad():
+        first = model(**inputs).logits
+        torch.testing.assert_close(model(**inputs).logits, first, rtol=0, atol=0)
+    assert len(calls) == 2  # two blocks, generated once for both forwards
+    group_params = [p for n, p in model.named_parameters() if n.startswith("replora.")]
+    changes = [
+        (True, lambda: torch.optim.SGD(group_params, lr=0.5).step()),  # an optimizer step (in-place, no_grad)
+        (True, lambda: model.load_state_dict({n: t + 0.1 if n.startswith("replora.") else t
+                                              for n, t in model.state_dict().items()})),
+        (False, lambda: model.double().float()),  # same values in new storages
+    ]
+    for changes_values, change in changes:
+        for p in group_params:
+            p.grad = torch.randn_like(p)
+        change()
+        before = len(calls)
+        with torch.no_grad():
+            after = model(**inputs).logits
+        assert len(calls) == before + 2
+        assert torch.allclose(after, first) != changes_values
+        torch.testing.assert_close(after, fresh_outputs())
+        first = after
+    # Back to training: factors are generated again, with a graph.
+    model.train()
+    model(**inputs).logits.sum().backward()
+    assert all(p.grad is not None for p in group_params)
+
+
 def test_generated_A_starts_at_loras_kaiming_scale():
     model = replora.inject(LLAMA.build(), make_config(LLAMA, "replora"))
     for layer in (m for m in model.modules() if isinstance(m, AdaptedLayer)):

@@ -149,6 +149,9 @@ class RepLoRAGroup(nn.Module):
     reuse them. A target asking again (the block runs again, or is recomputed by gradient
     checkpointing), changed parameters or another grad mode start a new generation, so generators
     run once per group per forward, in the same order in a checkpoint's recompute as in its forward.
+    Under no_grad (inference) the factors are kept until a parameter changes, so an unmerged RepLoRA
+    model serves at LoRA's cost. Changes are seen through version counters, which in-place edits of
+    `param.data` bypass: edit parameters under torch.no_grad() instead (as torch.optim does).
     """
 
     def __init__(self, config: AdapterConfig, generators: RepLoRAGenerators, seed_widths: tuple[int, int], **like):
@@ -191,11 +194,14 @@ class RepLoRAGroup(nn.Module):
 
     def _state_key(self) -> tuple:
         params = (self.lora_A_seed, self.lora_B_seed, *self.generators.parameters())
-        return (torch.is_grad_enabled(), *(p._version for p in params))
+        return (torch.is_grad_enabled(), *((p._version, p.data_ptr()) for p in params))
 
     def factors(self, role: str) -> tuple[torch.Tensor, torch.Tensor]:
         key = self._state_key()
-        if role in self._served or key != self._cache_key or role not in self._cache:
+        # Without grad the generated factors hold no graph, so they stay valid for as long as no
+        # parameter changes (version counters, storage); with grad each forward needs its own graph.
+        stale = key != self._cache_key or role not in self._cache
+        if stale or (role in self._served and key[0]):
             self._cache = self.generate()
             self._served, self._cache_key = set(), key
         self._served.add(role)
