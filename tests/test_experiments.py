@@ -66,7 +66,10 @@ def test_bench_runs_on_a_tiny_model_in_seconds(tmp_path, tiny_folders):
     train = results["models"][0]["ranks"]["4"]["train"]
     assert set(train) == {"peft-lora", "peft-dora", "replora-lora", "replora-dora", "replora-moslora", "replora-replora"}
     assert all(v["peak_bytes"] > 0 and v["ratio"]["rounds"] == 2 for v in train.values())
-    assert train["peft-lora"]["ratio"]["median"] == 1.0
+    assert train["replora-dora"]["reference"] == "peft-dora" and train["replora-replora"]["reference"] == "peft-lora"
+    assert train["peft-lora"]["memory_ratio"] == 1.0  # the control: the reference against itself
     inference = results["models"][0]["ranks"]["4"]["inference"]
-    assert {"base", "replora-lora-merged", "replora-replora-unmerged", "peft-lora-unmerged"} <= set(inference)
+    assert set(inference) == {"base", "peft-lora-unmerged", "replora-lora-merged", "replora-replora-merged",
+                              "replora-lora-unmerged", "replora-replora-unmerged"}
+    assert all(v["ratio"]["median"] > 0 and v["ratio"]["rounds"] == 2 for v in inference.values())
     assert (tmp_path / "b" / "bench.png").stat().st_size > 1000 and "time ratio" in (tmp_path / "b" / "bench.md").read_text()

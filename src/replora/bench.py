@@ -1,7 +1,10 @@
 """`replora bench`: training-step time, peak memory and inference latency against Hugging Face PEFT,
-measured side by side in one process: the contenders are built once from the same base weights and
-timed in interleaved rounds (the order rotates every round), on the same batch, sequence length,
-seed and thread count; each ratio is taken within a round and summarized by its median and spread.
+measured side by side in one process: the contenders are built once from the same base weights and run
+on the same batch, sequence length, seed and thread count. Each contender is timed right beside its
+reference (PEFT LoRA; PEFT DoRA for replora's DoRA; the bare model or PEFT's unmerged adapter for
+inference), in an order that alternates every round so that drift cancels; a ratio is taken within each
+pair and summarized by its median and quartiles over the rounds. A control pairs the reference with
+itself: its spread is the noise floor of the machine, against which the other ratios are read.
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated over a training step; on CPU (where torch keeps
 no allocator statistics) the bytes a training step holds beyond the frozen model: the tensors saved
@@ -32,9 +35,9 @@ class BenchSettings:
     ranks: tuple[int, ...] = (8, 16, 64)
     batch_size: int = 4
     seq_len: int = 32
-    rounds: int = 5
+    rounds: int = 15
     steps: int = 2  # at least; more when a step is short, so each timing spans >= min_time
-    min_time: float = 0.3
+    min_time: float = 0.2
     warmup: int = 2
     seed: int = 0
     threads: int = field(default_factory=torch.get_num_threads)
@@ -116,10 +119,31 @@ def _step_memory(model, optimizer, batch, device) -> int:
     return saved[0] + 4 * trainable  # parameters, gradients, two AdamW moments
 
 
-def _ratios(times: dict, name: str, reference: str) -> dict:
-    per_round = [a / b for a, b in zip(times[name], times[reference])]
+def _ratios(pairs: list[tuple[float, float]]) -> dict:
+    per_round = [t / ref for t, ref in pairs]
     q = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else [per_round[0]] * 3
     return {"median": statistics.median(per_round), "q1": q[0], "q3": q[2], "rounds": len(per_round)}
+
+
+# Each contender's reference; a reference paired with itself is the control (the noise floor).
+TRAIN_REFERENCES = {"peft-lora": "peft-lora", "peft-dora": "peft-lora", "replora-lora": "peft-lora",
+                    "replora-dora": "peft-dora", "replora-moslora": "peft-lora", "replora-replora": "peft-lora"}
+INFER_REFERENCES = {"base": "base", "peft-lora-unmerged": "base", "replora-lora-merged": "base",
+                    "replora-replora-merged": "base", "replora-lora-unmerged": "peft-lora-unmerged",
+                    "replora-replora-unmerged": "peft-lora-unmerged"}
+
+
+def _paired_rounds(run: dict, references: dict, rounds: int, device, repeat: int) -> dict:
+    """{contender: [(its time, its reference's time), ...]}, one pair per round, timed back to back;
+    which of the two goes first alternates by round, and the order of the pairs rotates."""
+    timings = {name: [] for name in references}
+    names = list(references)
+    for round_ in range(rounds):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            first, second = (name, references[name]) if round_ % 2 == 0 else (references[name], name)
+            t_first, t_second = _timed(run[first], device, repeat), _timed(run[second], device, repeat)
+            timings[name].append((t_first, t_second) if first == name else (t_second, t_first))
+    return timings
 
 
 def bench_model(model_name: str, s: BenchSettings, device, log=print) -> dict:
@@ -135,24 +159,18 @@ def bench_model(model_name: str, s: BenchSettings, device, log=print) -> dict:
     result = {"model": model_name, "parameters": sum(p.numel() for p in base.parameters()), "ranks": {}}
     for r in s.ranks:
         contenders = _contenders(base, r, device)
-        names = list(contenders)
-        for name in names:
+        steps = {name: (lambda m=model, o=opt: _train_step(m, o, batch)) for name, (model, opt) in contenders.items()}
+        for name in steps:
             for _ in range(s.warmup):
-                _train_step(*contenders[name], batch)
-        model, opt = contenders["peft-lora"]
-        steps = max(s.steps, math.ceil(s.min_time / _timed(lambda: _train_step(model, opt, batch), device, 1)))
-        times = {n: [] for n in names}
-        for round_ in range(s.rounds):
-            order = names[round_ % len(names):] + names[:round_ % len(names)]
-            for name in order:
-                model, opt = contenders[name]
-                times[name].append(_timed(lambda: _train_step(model, opt, batch), device, steps))
-        memory = {n: _step_memory(*contenders[n], batch, device) for n in names}
-        train = {n: {"median_s": statistics.median(times[n]),
-                     "ratio": _ratios(times, n, "peft-dora" if n == "replora-dora" else "peft-lora"),
-                     "peak_bytes": memory[n],
-                     "memory_ratio": memory[n] / memory["peft-dora" if n == "replora-dora" else "peft-lora"]}
-                 for n in names}
+                steps[name]()
+        repeat = max(s.steps, math.ceil(s.min_time / _timed(steps["peft-lora"], device, 1)))
+        timings = _paired_rounds(steps, TRAIN_REFERENCES, s.rounds, device, repeat)
+        memory = {n: _step_memory(*contenders[n], batch, device) for n in contenders}
+        train = {}
+        for name, reference in TRAIN_REFERENCES.items():
+            train[name] = {"reference": reference, "median_s": statistics.median(t for t, _ in timings[name]),
+                           "ratio": _ratios(timings[name]), "peak_bytes": memory[name],
+                           "memory_ratio": memory[name] / memory[reference]}
         # Inference: the bare base model, replora (lora and replora) unmerged and merged, PEFT unmerged.
         infer_models = {"base": base.to(device).eval(), "peft-lora-unmerged": contenders["peft-lora"][0].eval()}
         for method in ("lora", "replora"):
@@ -161,21 +179,17 @@ def bench_model(model_name: str, s: BenchSettings, device, log=print) -> dict:
             merged = copy.deepcopy(model)
             replora.merge(merged)
             infer_models[f"replora-{method}-merged"] = merged
-        infer = {n: [] for n in infer_models}
+        calls = {name: (lambda m=model: m(**batch)) for name, model in infer_models.items()}
         with torch.no_grad():
-            for name, model in infer_models.items():
+            for name in calls:
                 for _ in range(s.warmup):
-                    model(**batch)
-            calls = max(s.steps, math.ceil(s.min_time / _timed(lambda: base(**batch), device, 1)))
-            for round_ in range(s.rounds):
-                keys = list(infer_models)
-                for name in keys[round_ % len(keys):] + keys[:round_ % len(keys)]:
-                    infer[name].append(_timed(lambda: infer_models[name](**batch), device, calls))
-        inference = {n: {"median_s": statistics.median(infer[n]), "ratio_to_base": _ratios(infer, n, "base"),
-                         "ratio_to_peft_unmerged": _ratios(infer, n, "peft-lora-unmerged")} for n in infer}
+                    calls[name]()
+            repeat = max(s.steps, math.ceil(s.min_time / _timed(calls["base"], device, 1)))
+            timings = _paired_rounds(calls, INFER_REFERENCES, s.rounds, device, repeat)
+        inference = {name: {"reference": reference, "median_s": statistics.median(t for t, _ in timings[name]),
+                            "ratio": _ratios(timings[name])} for name, reference in INFER_REFERENCES.items()}
         result["ranks"][r] = {"train": train, "inference": inference}
         log(f"{model_name} r={r}: " + ", ".join(f"{n} {v['ratio']['median']:.3f}x" for n, v in train.items()))
-
     return result
 
 
@@ -197,22 +211,23 @@ def run_bench(s: BenchSettings, root: Path, log=print) -> str:
 def _report(results: dict) -> str:
     s = results["settings"]
     lines = [f"# replora vs PEFT: {results['device']}, {s['threads']} threads, batch {s['batch_size']} x "
-             f"{s['seq_len']} tokens, {s['rounds']} interleaved rounds (each timing >= {s['min_time']} s)", "",
-             "Training step (forward, backward, AdamW): median ratio [quartiles] to PEFT LoRA (replora-dora: to "
-             "PEFT DoRA), and peak memory ratio.", ""]
+             f"{s['seq_len']} tokens, {s['rounds']} rounds of back-to-back pairs (each timing >= {s['min_time']} s)",
+             "", "Ratio = time of the contender / time of its reference, timed back to back: median [quartiles] "
+             "over the rounds. A reference's own row times it against itself (a control): its spread is the "
+             "noise floor. Training step = forward, backward and AdamW; memory as the module docstring says.", ""]
     for m in results["models"]:
         for r, data in m["ranks"].items():
             lines += [f"**{m['model']}** ({m['parameters'] / 1e6:.1f}M parameters), r = {r}", "",
-                      "| contender | step (ms) | time ratio | memory ratio |", "|---|---|---|---|"]
+                      "| training step | reference | step (ms) | time ratio | memory ratio |", "|---|---|---|---|---|"]
             for n, v in data["train"].items():
                 q = v["ratio"]
-                lines.append(f"| {n} | {1000 * v['median_s']:.1f} | {q['median']:.3f} [{q['q1']:.3f}, {q['q3']:.3f}] | "
-                             f"{v['memory_ratio']:.3f} |")
-            lines += ["", "| inference | latency (ms) | ratio to base | ratio to PEFT unmerged |", "|---|---|---|---|"]
+                lines.append(f"| {n} | {v['reference']} | {1000 * v['median_s']:.1f} | {q['median']:.3f} "
+                             f"[{q['q1']:.3f}, {q['q3']:.3f}] | {v['memory_ratio']:.3f} |")
+            lines += ["", "| inference | reference | latency (ms) | time ratio |", "|---|---|---|---|"]
             for n, v in data["inference"].items():
-                a, b = v["ratio_to_base"], v["ratio_to_peft_unmerged"]
-                lines.append(f"| {n} | {1000 * v['median_s']:.1f} | {a['median']:.3f} [{a['q1']:.3f}, {a['q3']:.3f}] | "
-                             f"{b['median']:.3f} |")
+                q = v["ratio"]
+                lines.append(f"| {n} | {v['reference']} | {1000 * v['median_s']:.1f} | {q['median']:.3f} "
+                             f"[{q['q1']:.3f}, {q['q3']:.3f}] |")
             lines.append("")
     return "\n".join(lines)
 

@@ -273,11 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="training and inference speed and memory against Hugging Face PEFT")
     bench.add_argument("--models", nargs="+", help="models to measure (default minilm smollm2; any --model value)")
     bench.add_argument("--ranks", nargs="+", type=int, help="adapter ranks (default 8 16 64)")
-    bench.add_argument("--rounds", type=int, help="interleaved rounds (default 5)")
+    bench.add_argument("--rounds", type=int, help="rounds of back-to-back pairs (default 15)")
     bench.add_argument("--steps", type=int, help="timed steps per contender per round, at least (default 2)")
     bench.add_argument("--batch-size", type=int, help="batch size (default 4)")
     bench.add_argument("--seq-len", type=int, help="tokens per example (default 32)")
-    bench.add_argument("--min-time", type=float, help="seconds each timing spans at least (default 0.3)")
+    bench.add_argument("--min-time", type=float, help="seconds each timing spans at least (default 0.2)")
     bench.add_argument("--output", default="benchmarks/results", help="folder for bench.json, bench.md, bench.png")
     bench.set_defaults(func=cmd_bench)
 
