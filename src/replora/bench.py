@@ -119,10 +119,12 @@ def _step_memory(model, optimizer, batch, device) -> int:
     return saved[0] + 4 * trainable  # parameters, gradients, two AdamW moments
 
 
-def _ratios(pairs: list[tuple[float, float]]) -> dict:
+def _summary(pairs: list[tuple[float, float]], reference: str) -> dict:
+    """One contender's (time, reference's time) pairs: its median time and the ratio's median and quartiles."""
     per_round = [t / ref for t, ref in pairs]
     q = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else [per_round[0]] * 3
-    return {"median": statistics.median(per_round), "q1": q[0], "q3": q[2], "rounds": len(per_round)}
+    return {"reference": reference, "median_s": statistics.median(t for t, _ in pairs),
+            "ratio": {"median": statistics.median(per_round), "q1": q[0], "q3": q[2], "rounds": len(per_round)}}
 
 
 # Each contender's reference; a reference paired with itself is the control (the noise floor).
@@ -166,11 +168,9 @@ def bench_model(model_name: str, s: BenchSettings, device, log=print) -> dict:
         repeat = max(s.steps, math.ceil(s.min_time / _timed(steps["peft-lora"], device, 1)))
         timings = _paired_rounds(steps, TRAIN_REFERENCES, s.rounds, device, repeat)
         memory = {n: _step_memory(*contenders[n], batch, device) for n in contenders}
-        train = {}
-        for name, reference in TRAIN_REFERENCES.items():
-            train[name] = {"reference": reference, "median_s": statistics.median(t for t, _ in timings[name]),
-                           "ratio": _ratios(timings[name]), "peak_bytes": memory[name],
-                           "memory_ratio": memory[name] / memory[reference]}
+        train = {name: {**_summary(timings[name], reference), "peak_bytes": memory[name],
+                        "memory_ratio": memory[name] / memory[reference]}
+                 for name, reference in TRAIN_REFERENCES.items()}
         # Inference: the bare base model, replora (lora and replora) unmerged and merged, PEFT unmerged.
         infer_models = {"base": base.to(device).eval(), "peft-lora-unmerged": contenders["peft-lora"][0].eval()}
         for method in ("lora", "replora"):
@@ -186,8 +186,7 @@ def bench_model(model_name: str, s: BenchSettings, device, log=print) -> dict:
                     calls[name]()
             repeat = max(s.steps, math.ceil(s.min_time / _timed(calls["base"], device, 1)))
             timings = _paired_rounds(calls, INFER_REFERENCES, s.rounds, device, repeat)
-        inference = {name: {"reference": reference, "median_s": statistics.median(t for t, _ in timings[name]),
-                            "ratio": _ratios(timings[name])} for name, reference in INFER_REFERENCES.items()}
+        inference = {name: _summary(timings[name], reference) for name, reference in INFER_REFERENCES.items()}
         result["ranks"][r] = {"train": train, "inference": inference}
         log(f"{model_name} r={r}: " + ", ".join(f"{n} {v['ratio']['median']:.3f}x" for n, v in train.items()))
     return result

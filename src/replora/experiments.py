@@ -210,8 +210,8 @@ def ablations(grid: Grid, root: Path, lr: float | None = None) -> str:
                      f"{fmt(test)} | {versus} |")
     # The rule, fixed before any run: the default moves only to a variant whose mean paired advantage on
     # validation exceeds the spread of that advantage over seeds; a smaller edge is noise at 3 seeds.
-    diffs = [a - b for a, b in zip(val[best], val[default])]
-    moves = best != default and len(diffs) > 1 and mean_std(diffs)[0] > mean_std(diffs)[1]
+    gain, spread = mean_std([a - b for a, b in zip(val[best], val[default])])
+    moves = best != default and len(grid.seeds) > 1 and gain > spread
     lines += ["", f"Default rule (validation only): {'move the default to ' + repr(best) if moves else 'keep the default'}"
                   f"; best on validation: {best}."]
     report = "\n".join(lines) + "\n"

@@ -94,23 +94,16 @@ class Generator(nn.Module):
             self.head.weight.copy_(torch.cat([p.weight for p in parts]))
             self.head.bias.copy_(torch.cat([p.bias for p in parts]))
 
-    def features(self, seed_rows: torch.Tensor) -> torch.Tensor:
-        return ACTIVATIONS[self.activation](self.hidden(seed_rows))
-
-    def diagonal_features(self, seed: torch.Tensor) -> torch.Tensor:
-        """features(diag(seed)) without building diag(seed): row i is sigma(seed_i W[:, i] + b)."""
-        return ACTIVATIONS[self.activation](torch.addcmul(self.hidden.bias, seed.unsqueeze(1), self.hidden.weight.T))
+    def features(self, seed: torch.Tensor) -> torch.Tensor:
+        """sigma(hidden(row)) for each seed row; a diagonal seed (a vector) is read as diag(seed),
+        without building it: row i is sigma(seed_i W[:, i] + b)."""
+        if seed.dim() == 1:
+            return ACTIVATIONS[self.activation](torch.addcmul(self.hidden.bias, seed.unsqueeze(1), self.hidden.weight.T))
+        return ACTIVATIONS[self.activation](self.hidden(seed))
 
     def outputs(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each role's (rows, size) output of its head, as views of one matmul."""
         return dict(zip(self.head_sizes, self.head(features).split(list(self.head_sizes.values()), dim=1)))
-
-    def role_rows(self) -> dict[str, slice]:
-        """The rows of `head` that belong to each role."""
-        bounds, start = {}, 0
-        for role, size in self.head_sizes.items():
-            bounds[role], start = slice(start, start + size), start + size
-        return bounds
 
 
 class RepLoRAGenerators(nn.Module):
@@ -127,14 +120,13 @@ class RepLoRAGenerators(nn.Module):
         nn.init.zeros_(self.lora_B_generator.head.bias)
 
     @torch.no_grad()
-    def calibrate_A_heads(self, A_seed_rows: torch.Tensor) -> None:
+    def calibrate_A_heads(self, A_seed: torch.Tensor) -> None:
         """Project choice: scale each A head so that the generated A_t has LoRA's init scale,
         std 1 / sqrt(3 in_t) (the std of U(-1/sqrt(in), 1/sqrt(in)))."""
         generator = self.lora_A_generator
-        z = generator.features(A_seed_rows).float()
+        z = generator.features(A_seed).float()
         nn.init.zeros_(generator.head.bias)
-        for rows in generator.role_rows().values():
-            weight = generator.head.weight[rows]
+        for weight in generator.head.weight.split(list(generator.head_sizes.values())):  # views: one per role
             std = (z @ weight.float().T).pow(2).mean().sqrt().item()  # the RMS: defined for a single entry too
             if std > 0:
                 weight.mul_(1.0 / math.sqrt(3 * weight.shape[0]) / std)
@@ -166,30 +158,20 @@ class RepLoRAGroup(nn.Module):
         # A reference, not a submodule: generators may be shared by several groups ("model" sharing)
         # and are registered once, in the bank.
         object.__setattr__(self, "generators", generators)
-        self._reset_cache()
+        self.__dict__.update(self._empty_cache())
 
-    def _reset_cache(self) -> None:
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._served: set[str] = set()
-        self._cache_key = None
+    @staticmethod
+    def _empty_cache() -> dict:
+        """The generated factors by role, the roles served since, and the state they were made in."""
+        return {"_cache": {}, "_served": set(), "_cache_key": None}
 
     def __getstate__(self):  # copies and pickles never carry generated tensors (or their graphs)
-        state = dict(self.__dict__)
-        state.update(_cache={}, _served=set(), _cache_key=None)
-        return state
-
-    def seed_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = self.lora_A_seed, self.lora_B_seed
-        return (torch.diag(a), torch.diag(b)) if a.dim() == 1 else (a, b)
+        return {**self.__dict__, **self._empty_cache()}
 
     def generate(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         gA, gB = self.generators.lora_A_generator, self.generators.lora_B_generator
-        if self.lora_A_seed.dim() == 1:
-            zA, zB = gA.diagonal_features(self.lora_A_seed), gB.diagonal_features(self.lora_B_seed)
-        else:
-            zA, zB = gA.features(self.lora_A_seed), gB.features(self.lora_B_seed)
         # Row i of A_t is head_t(z_i); column j of B_t is head_t(z_j).
-        A, B = gA.outputs(zA), gB.outputs(zB)
+        A, B = gA.outputs(gA.features(self.lora_A_seed)), gB.outputs(gB.features(self.lora_B_seed))
         return {role: (A[role], B[role].T) for role in A}
 
     def _state_key(self) -> tuple:

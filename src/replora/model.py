@@ -173,7 +173,7 @@ def _build_replora(config: AdapterConfig, layers: dict[str, AdaptedLayer]):
             bank.generators[f"shared{len(shared) - 1}" if share else _key(group_path)] = generators
         group = RepLoRAGroup(config, generators, widths, **like)
         if calibrate:
-            generators.calibrate_A_heads(group.seed_rows()[0])
+            generators.calibrate_A_heads(group.lora_A_seed)
         bank.groups[_key(group_path)] = group
         for role, path in members.items():
             adapters[path] = GeneratedFactors(config, group, _key(role))
