@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from replora.cli import main
+from replora.experiments import claim_2_verdict
 
 from conftest import sentiment_rows, write_jsonl
 
@@ -24,6 +25,7 @@ def test_sample_efficiency_runs_end_to_end_and_resumes(tmp_path, tiny_folders, c
     assert {p.name for p in root.iterdir()} >= {"sample_efficiency.csv", "sample_efficiency.md", "sample_efficiency.png"}
     report = (root / "sample_efficiency.md").read_text()
     assert "RepLoRA − LoRA, paired over seeds" in report and "Claim 2" not in report  # no f = 0.3 here
+    assert "| replora | " in report.split("Each method − LoRA")[1] and "Wall time" in report
     assert len((root / "sample_efficiency.csv").read_text().splitlines()) == 1 + 3 * 2 * 2
     before = _stamps(root)
     capsys.readouterr()
@@ -73,3 +75,10 @@ def test_bench_runs_on_a_tiny_model_in_seconds(tmp_path, tiny_folders):
                               "replora-lora-unmerged", "replora-replora-unmerged"}
     assert all(v["ratio"]["median"] > 0 and v["ratio"]["rounds"] == 2 for v in inference.values())
     assert (tmp_path / "b" / "bench.png").stat().st_size > 1000 and "time ratio" in (tmp_path / "b" / "bench.md").read_text()
+
+
+def test_claim_2_verdict_reads_the_paired_differences():
+    assert claim_2_verdict([0.80, 0.81, 0.79], [0.80, 0.80, 0.80]) == "Held here."
+    # 0.5 points short on average, differences spread by 1 point: short, but within the spread.
+    assert claim_2_verdict([0.795, 0.81, 0.78], [0.80, 0.80, 0.80]).startswith("Not reached here, by less")
+    assert claim_2_verdict([0.77, 0.78, 0.77], [0.80, 0.80, 0.80]) == "Did not hold here."
