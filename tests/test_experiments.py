@@ -32,6 +32,29 @@ def test_sample_efficiency_runs_end_to_end_and_resumes(tmp_path, tiny_folders, c
     assert main(args) == 0
     assert _stamps(root) == before  # nothing ran again
     assert "Sample efficiency" in capsys.readouterr().out
+    # A variant of the grid (LoRA at another learning rate) reuses the grid's runs: only LoRA's 4 new runs.
+    variant = ["--methods", "lora", "replora", "--lrs", "lora=1e-2", "--runs", str(root / "runs"),
+               "--output", str(root / "lora-lr1e-2")]
+    assert main(args[:args.index("--methods")] + ["--fractions", "0.5", "1.0", "--seeds", "0", "1", "--epochs", "1"]
+                + variant) == 0
+    after = _stamps(root)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert sorted(set(after) - set(before)) == ["lora-lr0.01-f0.5-s0", "lora-lr0.01-f0.5-s1", "lora-lr0.01-f1-s0",
+                                                "lora-lr0.01-f1-s1"]
+    assert "lora 0.01 (0.01)" in (root / "lora-lr1e-2" / "sample_efficiency.md").read_text()
+    assert not (root / "lora-lr1e-2" / "runs").exists()
+
+
+def test_learning_rate_grids_are_checked(tmp_path, capsys):
+    for lrs, message in [(["dora=1e-3"], "not among this grid's methods"), (["lora=fast"], "method=rate"),
+                         (["1e-3"], None)]:
+        args = ["experiment", "sample-efficiency", "--methods", "lora", "full", "--lrs", *lrs,
+                "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert (message or "missing") in err and "Traceback" not in err
+    assert main(["experiment", "sample-efficiency", "--grid", "smollm2-siqa", "--methods", "full"]) == 2
+    assert "no learning rates for ['full']: give them, e.g. --lrs full=1e-3" in capsys.readouterr().err
 
 
 def test_ablations_run_end_to_end_and_resume(tmp_path, tiny_folders):

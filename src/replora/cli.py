@@ -162,6 +162,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_lrs(values: list[str], methods: tuple[str, ...], defaults: dict) -> dict[str, tuple[float, ...]]:
+    """`--lrs 1e-3 3e-3`: the validation grid of every method; `--lrs lora=3e-3` (repeatable): one method's
+    grid, the others keep the grid's own."""
+    shared, per_method = [], {}
+    for value in values:
+        method, _, lr = value.rpartition("=")
+        try:
+            number = float(lr)
+        except ValueError:
+            raise ValueError(f"--lrs {value!r}: give a learning rate (3e-3) or method=rate (lora=3e-3)") from None
+        if method and method not in methods:
+            raise ValueError(f"--lrs {value!r}: {method!r} is not among this grid's methods {list(methods)}")
+        (per_method.setdefault(method, []) if method else shared).append(number)
+    return {m: tuple(per_method.get(m) or shared or defaults.get(m, ())) for m in methods}
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
     from . import experiments
 
@@ -183,13 +199,16 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         "fractions": tuple(args.fractions) if args.fractions else None,
         "seeds": tuple(args.seeds) if args.seeds else None}.items() if v is not None}
     if args.lrs:
-        overrides["lrs"] = {m: tuple(args.lrs) for m in overrides.get("methods", grid.methods)}
+        overrides["lrs"] = parse_lrs(args.lrs, overrides.get("methods", grid.methods), grid.lrs)
     grid = __import__("dataclasses").replace(grid, **overrides)
+    if missing := [m for m in grid.methods if not grid.lrs.get(m)]:
+        raise ValueError(f"grid {args.grid} has no learning rates for {missing}: give them, e.g. --lrs {missing[0]}=1e-3")
     root = Path(args.output or f"results/{args.grid}")  # the experiments of a grid share its runs
+    runs = Path(args.runs) if args.runs else None
     if args.name == "sample-efficiency":
-        print(experiments.sample_efficiency(grid, root))
+        print(experiments.sample_efficiency(grid, root, runs))
     else:
-        print(experiments.ablations(grid, root, lr=args.lrs[0] if args.lrs else None))
+        print(experiments.ablations(grid, root, runs=runs))
     print(f"results in {root}")
     return 0
 
@@ -259,7 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--methods", nargs="+", choices=METHODS + ("full",), help="override the grid's methods")
     experiment.add_argument("--fractions", nargs="+", type=float, help="override the grid's training fractions")
     experiment.add_argument("--seeds", nargs="+", type=int, help="override the grid's seeds")
-    experiment.add_argument("--lrs", nargs="+", type=float, help="learning-rate grid for every method")
+    experiment.add_argument("--lrs", nargs="+", help="learning-rate grid picked from on validation: for every "
+                            "method (1e-3 3e-3), or for one (lora=3e-3; repeat for several)")
+    experiment.add_argument("--runs", help="runs folder (default <output>/runs): point a variant of a grid at the "
+                            "grid's runs to reuse them")
     experiment.add_argument("--ns", nargs="+", type=int, help="theory: sample sizes (default 1e2 to 1e5, log grid)")
     experiment.add_argument("--repetitions", type=int, help="theory: repetitions per sample size (default 3)")
     experiment.add_argument("--inits", type=int, help="theory: initializations per fit (default 2)")

@@ -70,10 +70,10 @@ def run_key(method: str, lr: float, fraction: float, seed: int, variant: str = "
     return f"{method}{'-' + variant if variant else ''}-lr{lr:g}-f{fraction:g}-s{seed}"
 
 
-def run_one(root: Path, grid: Grid, method: str, lr: float, fraction: float, seed: int,
+def run_one(runs: Path, grid: Grid, method: str, lr: float, fraction: float, seed: int,
             adapter_extra: dict | None = None, variant: str = "") -> dict:
-    """One run of the grid; skipped when finished, resumed when interrupted."""
-    out = root / "runs" / run_key(method, lr, fraction, seed, variant)
+    """One run of the grid, in the runs folder; skipped when finished, resumed when interrupted."""
+    out = runs / run_key(method, lr, fraction, seed, variant)
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
     adapter = {} if method == FULL else {**grid.adapter, **(adapter_extra or {})}
@@ -84,11 +84,11 @@ def run_one(root: Path, grid: Grid, method: str, lr: float, fraction: float, see
     return train(settings)
 
 
-def pick_lrs(root: Path, grid: Grid) -> dict[str, float]:
+def pick_lrs(runs: Path, grid: Grid) -> dict[str, float]:
     """Each method's learning rate: the best validation accuracy at fraction 1.0, seed 0."""
     chosen = {}
     for method in grid.methods:
-        scores = {lr: run_one(root, grid, method, lr, 1.0, grid.seeds[0])["validation_accuracy"]
+        scores = {lr: run_one(runs, grid, method, lr, 1.0, grid.seeds[0])["validation_accuracy"]
                   for lr in grid.lrs[method]}
         chosen[method] = max(scores, key=lambda lr: (scores[lr], -lr))
     return chosen
@@ -139,22 +139,24 @@ def claim_2_verdict(rep30: list[float], lora100: list[float]) -> str:
     return "Did not hold here."
 
 
-def sample_efficiency(grid: Grid, root: Path, plot: bool = True) -> str:
+def sample_efficiency(grid: Grid, root: Path, runs: Path | None = None, plot: bool = True) -> str:
     """Every method x fraction x seed at its picked learning rate; writes sample_efficiency.csv / .md /
-    .png. Returns the markdown report."""
+    .png in root, the runs in `runs` (default root/runs). Returns the markdown report."""
     root.mkdir(parents=True, exist_ok=True)
-    lrs = pick_lrs(root, grid)
+    runs = runs or root / "runs"
+    lrs = pick_lrs(runs, grid)
     results = {}
     for seed in grid.seeds:  # seeds outermost: a partial grid is already a paired comparison
         for fraction in grid.fractions:
             for method in grid.methods:
-                results[method, fraction, seed] = run_one(root, grid, method, lrs[method], fraction, seed)
+                results[method, fraction, seed] = run_one(runs, grid, method, lrs[method], fraction, seed)
     rows = [_row(m) for m in results.values()]
     _write_csv(root / "sample_efficiency.csv", rows)
+    picks = ", ".join(f"{m} {lr:g} ({'/'.join(f'{x:g}' for x in grid.lrs[m])})" for m, lr in lrs.items())
     acc = lambda method, fraction: [results[method, fraction, s]["test_accuracy"] for s in grid.seeds]  # noqa: E731
     lines = [f"# Sample efficiency: {grid.model} on {grid.dataset}", "",
              f"Test accuracy (%), mean ± std over seeds {list(grid.seeds)}; learning rate picked per method on "
-             f"validation: {', '.join(f'{m} {lr:g}' for m, lr in lrs.items())}. Training cap "
+             f"validation (from the candidates in brackets): {picks}. Training cap "
              f"{grid.max_train_examples or 'none'}, {grid.epochs} epochs, max {grid.max_length} tokens, r = "
              f"{grid.adapter.get('r')}.", "",
              "| method | trainable | " + " | ".join(f"f = {f:g}" for f in grid.fractions) + " | s / run at f = 1 |",
@@ -213,15 +215,17 @@ def _plot(results: dict, grid: Grid, path: Path) -> None:
     plt.close(fig)
 
 
-def ablations(grid: Grid, root: Path, lr: float | None = None) -> str:
-    """RepLoRA's options one at a time, at fraction 1.0, every seed; writes ablations.csv / ablations.md."""
+def ablations(grid: Grid, root: Path, runs: Path | None = None) -> str:
+    """RepLoRA's options one at a time, at fraction 1.0, every seed, at RepLoRA's picked learning rate;
+    writes ablations.csv / ablations.md in root, the runs in `runs` (default root/runs)."""
     root.mkdir(parents=True, exist_ok=True)
-    lr = lr or pick_lrs(root, dataclasses.replace(grid, methods=("replora",)))["replora"]
+    runs = runs or root / "runs"
+    lr = pick_lrs(runs, dataclasses.replace(grid, methods=("replora",)))["replora"]
     results = {}
     for seed in grid.seeds:
         for name, options in ABLATIONS.items():
             variant = "" if not options else "-".join(f"{k.split('_', 1)[1]}_{v}" for k, v in options.items())
-            results[name, seed] = run_one(root, grid, "replora", lr, 1.0, seed, options, variant)
+            results[name, seed] = run_one(runs, grid, "replora", lr, 1.0, seed, options, variant)
     _write_csv(root / "ablations.csv", [_row(m, name) for (name, _), m in results.items()])
     val = {n: [results[n, s]["validation_accuracy"] for s in grid.seeds] for n in ABLATIONS}
     default = next(iter(ABLATIONS))
