@@ -44,9 +44,9 @@ GRIDS = {
                       seeds=(0, 1, 2), lrs={"lora": ADAPTER_LRS, "dora": ADAPTER_LRS, "moslora": ADAPTER_LRS,
                                            "replora": ADAPTER_LRS, FULL: (3e-5, 1e-4)},
                       epochs=3, max_train_examples=3000, max_eval_examples=1000, max_length=48),
-    # SmolLM2-135M on social_iqa (3 choices: 3 sequences per question): about 8 minutes a run at f = 1 on
+    # SmolLM2-135M on social_iqa (3 choices: 3 sequences per question): about 10 minutes a run at f = 1 on
     # 2 CPU cores with a 600-question training cap, 195 validation / 300 test questions, 64 tokens, 2 epochs;
-    # two fractions and no full fine-tuning line keep the 28 runs under three hours.
+    # two fractions and no full fine-tuning line keep the 28 runs near 3.5 hours.
     "smollm2-siqa": Grid(model="smollm2", dataset="social_iqa", methods=("lora", "dora", "moslora", "replora"),
                          fractions=(0.3, 1.0), seeds=(0, 1, 2),
                          lrs={"lora": ADAPTER_LRS, "dora": ADAPTER_LRS, "moslora": ADAPTER_LRS,
