@@ -23,6 +23,7 @@ def test_sample_efficiency_runs_end_to_end_and_resumes(tmp_path, tiny_folders, c
     # lr grid: 3 methods x 2 lrs at f = 1, seed 0; then 3 methods x 2 fractions x 2 seeds, 3 shared.
     assert len(_stamps(root)) == 3 * 2 + 3 * 2 * 2 - 3
     assert {p.name for p in root.iterdir()} >= {"sample_efficiency.csv", "sample_efficiency.md", "sample_efficiency.png"}
+    assert not [p for p in tmp_path.rglob(".*tmp*")]  # reports are published whole, nothing half-written left
     report = (root / "sample_efficiency.md").read_text()
     assert "RepLoRA − LoRA, paired over seeds" in report and "Claim 2" not in report  # no f = 0.3 here
     assert "| replora | " in report.split("Each method − LoRA")[1] and "Wall time" in report

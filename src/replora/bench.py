@@ -26,6 +26,8 @@ import torch
 
 import replora
 
+from .io import write_folder
+
 REPLORA_METHODS = ("lora", "dora", "moslora", "replora")
 
 
@@ -199,11 +201,13 @@ def run_bench(s: BenchSettings, root: Path, log=print) -> str:
                "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "models": []}
     for name in s.models:
         results["models"].append(bench_model(name, s, device, log))
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     report = _report(results)
-    (root / "bench.md").write_text(report)
-    _plot(results, root / "bench.png")
+
+    def publish(folder: Path) -> None:  # each file replaced whole (io.write_folder)
+        (folder / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+        (folder / "bench.md").write_text(report)
+        _plot(results, folder / "bench.png")
+    write_folder(root, publish)
     return report
 
 

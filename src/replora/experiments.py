@@ -8,7 +8,6 @@ grid can be finished over several sittings. Learning rates are picked per method
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -16,6 +15,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .io import write_csv, write_folder
 from .train import FULL, TrainSettings, train
 
 
@@ -101,13 +101,6 @@ def _row(m: dict, variant: str = "") -> dict:
             "seconds": round(m["wall_time_seconds"], 1)}
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -150,8 +143,6 @@ def sample_efficiency(grid: Grid, root: Path, runs: Path | None = None, plot: bo
         for fraction in grid.fractions:
             for method in grid.methods:
                 results[method, fraction, seed] = run_one(runs, grid, method, lrs[method], fraction, seed)
-    rows = [_row(m) for m in results.values()]
-    _write_csv(root / "sample_efficiency.csv", rows)
     picks = ", ".join(f"{m} {lr:g} ({'/'.join(f'{x:g}' for x in grid.lrs[m])})" for m, lr in lrs.items())
     acc = lambda method, fraction: [results[method, fraction, s]["test_accuracy"] for s in grid.seeds]  # noqa: E731
     lines = [f"# Sample efficiency: {grid.model} on {grid.dataset}", "",
@@ -186,9 +177,13 @@ def sample_efficiency(grid: Grid, root: Path, runs: Path | None = None, plot: bo
     lines += ["", f"Wall time: {total / 3600:.1f} h for the {len(results)} runs above (the learning-rate picks' "
                   "other runs not counted); every run's seconds are in the CSV."]
     report = "\n".join(lines) + "\n"
-    (root / "sample_efficiency.md").write_text(report)
-    if plot:
-        _plot(results, grid, root / "sample_efficiency.png")
+
+    def publish(folder: Path) -> None:  # each report file is replaced whole; the runs are left alone
+        write_csv(folder / "sample_efficiency.csv", [_row(m) for m in results.values()])
+        (folder / "sample_efficiency.md").write_text(report)
+        if plot:
+            _plot(results, grid, folder / "sample_efficiency.png")
+    write_folder(root, publish)
     return report
 
 
@@ -226,7 +221,6 @@ def ablations(grid: Grid, root: Path, runs: Path | None = None) -> str:
         for name, options in ABLATIONS.items():
             variant = "" if not options else "-".join(f"{k.split('_', 1)[1]}_{v}" for k, v in options.items())
             results[name, seed] = run_one(runs, grid, "replora", lr, 1.0, seed, options, variant)
-    _write_csv(root / "ablations.csv", [_row(m, name) for (name, _), m in results.items()])
     val = {n: [results[n, s]["validation_accuracy"] for s in grid.seeds] for n in ABLATIONS}
     default = next(iter(ABLATIONS))
     lines = [f"# RepLoRA ablations: {grid.model} on {grid.dataset}", "",
@@ -247,5 +241,9 @@ def ablations(grid: Grid, root: Path, runs: Path | None = None) -> str:
     lines += ["", f"Default rule (validation only): {'move the default to ' + repr(best) if moves else 'keep the default'}"
                   f"; best on validation: {best}."]
     report = "\n".join(lines) + "\n"
-    (root / "ablations.md").write_text(report)
+
+    def publish(folder: Path) -> None:
+        write_csv(folder / "ablations.csv", [_row(m, name) for (name, _), m in results.items()])
+        (folder / "ablations.md").write_text(report)
+    write_folder(root, publish)
     return report

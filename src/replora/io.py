@@ -7,6 +7,7 @@ Tensor names leave out the adapter's name, so an adapter saved under one name lo
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
@@ -69,6 +70,13 @@ def write_folder(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(f, dest)
     return path
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def write_adapter_folder(path, tensors: dict[str, torch.Tensor], config: dict, metadata: dict) -> Path:

@@ -13,13 +13,14 @@ estimation error of the updates, ||dQ_hat - dQ||_F + ||dV_hat - dV||_F.
 """
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .io import write_csv, write_folder
 
 
 @dataclass
@@ -122,15 +123,9 @@ def slope(rows: list[dict], method: str) -> float:
 def run_theory(s: TheorySettings, root: Path) -> str:
     if len(set(s.ns)) < 2:
         raise ValueError(f"the theory simulation fits a slope: give at least two sample sizes, got {list(s.ns)}")
-    root.mkdir(parents=True, exist_ok=True)
     rows = simulate(s, progress=lambda r: print(f"  {r['method']:<8} n={r['n']:<7} rep {r['repetition']}: "
                                                  f"error {r['error']:.4f}", flush=True))
-    with open(root / "theory.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     slopes = {m: slope(rows, m) for m in ("lora", "replora")}
-    _plot(rows, slopes, s, root / "theory.png")
     n0, n1 = min(s.ns), max(s.ns)
     # What each rate of seed 001 predicts as a log-log slope over the same range of n.
     rate_replora = (math.log(math.log(n1) / n1) - math.log(math.log(n0) / n0)) / 4 / (math.log(n1) - math.log(n0))
@@ -146,7 +141,12 @@ def run_theory(s: TheorySettings, root: Path) -> str:
         med = {m: sorted(r["error"] for r in rows if r["n"] == n and r["method"] == m) for m in slopes}
         lines.append(f"| {n} | {med['lora'][len(med['lora']) // 2]:.4f} | {med['replora'][len(med['replora']) // 2]:.4f} |")
     report = "\n".join(lines) + "\n"
-    (root / "theory.md").write_text(report)
+
+    def publish(folder: Path) -> None:  # each file replaced whole (io.write_folder)
+        write_csv(folder / "theory.csv", rows)
+        (folder / "theory.md").write_text(report)
+        _plot(rows, slopes, s, folder / "theory.png")
+    write_folder(root, publish)
     return report
 
 
