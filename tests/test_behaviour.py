@@ -212,3 +212,19 @@ def test_replora_trains_under_gradient_checkpointing_with_the_same_gradients(nam
     for n, p in plain.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(ours[n].grad, p.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_dora_unmerge_restores_rows_whose_magnitude_is_zero(name):
+    # Such a row merges to zeros and cannot be scaled back by m; unmerge must not turn it into NaN.
+    model = replora.inject(TINY_MODELS[name].build(), make_config(TINY_MODELS[name], "dora"))
+    layers = [m for m in model.modules() if isinstance(m, AdaptedLayer)]
+    before = [m.base_weight().clone() for m in layers]
+    with torch.no_grad():
+        for m in layers:
+            m.lora["default"].lora_magnitude[:2] = 0
+    replora.merge(model)
+    assert all(torch.all(m.base_weight()[:2] == 0) for m in layers)
+    replora.unmerge(model)
+    for m, w in zip(layers, before):
+        assert torch.allclose(m.base_weight(), w, atol=1e-6)

@@ -99,6 +99,9 @@ class AdaptedLayer(nn.Module):
         target, norm = self._fold(adapter, self._exact(W))
         if norm is not None:
             adapter.merge_norm = norm  # kept to undo the rescaling exactly in unmerge
+            # A row whose magnitude is exactly 0 merges to zeros and cannot be scaled back: keep it as it was.
+            adapter.merge_zero_rows = adapter.lora_magnitude == 0
+            adapter.merge_kept_rows = W[adapter.merge_zero_rows].clone()
         W.copy_(target.to(W.dtype))
         self.merged_adapters.append(name)
 
@@ -109,10 +112,14 @@ class AdaptedLayer(nn.Module):
             adapter = self.lora[self.merged_adapters.pop()]
             W = self.base_weight()
             restored = self._exact(W)
-            if adapter.lora_magnitude is not None:
+            is_dora = adapter.lora_magnitude is not None
+            if is_dora:
                 restored = restored * (adapter.merge_norm / self._exact(adapter.lora_magnitude))[:, None]
-                del adapter.merge_norm
-            W.copy_((restored - self._exact(adapter.delta_weight())).to(W.dtype))
+            restored = (restored - self._exact(adapter.delta_weight())).to(W.dtype)
+            if is_dora:
+                restored[adapter.merge_zero_rows] = adapter.merge_kept_rows
+                del adapter.merge_norm, adapter.merge_zero_rows, adapter.merge_kept_rows
+            W.copy_(restored)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, merged={self.merged_adapters}"
