@@ -100,8 +100,7 @@ class AdaptedLayer(nn.Module):
         if norm is not None:
             adapter.merge_norm = norm  # kept to undo the rescaling exactly in unmerge
             # A row whose magnitude is exactly 0 merges to zeros and cannot be scaled back: keep it as it was.
-            adapter.merge_zero_rows = adapter.lora_magnitude == 0
-            adapter.merge_kept_rows = W[adapter.merge_zero_rows].clone()
+            adapter.merge_kept_rows = W[adapter.lora_magnitude == 0].clone()
         W.copy_(target.to(W.dtype))
         self.merged_adapters.append(name)
 
@@ -117,8 +116,8 @@ class AdaptedLayer(nn.Module):
                 restored = restored * (adapter.merge_norm / self._exact(adapter.lora_magnitude))[:, None]
             restored = (restored - self._exact(adapter.delta_weight())).to(W.dtype)
             if is_dora:
-                restored[adapter.merge_zero_rows] = adapter.merge_kept_rows
-                del adapter.merge_norm, adapter.merge_zero_rows, adapter.merge_kept_rows
+                restored[adapter.lora_magnitude == 0] = adapter.merge_kept_rows
+                del adapter.merge_norm, adapter.merge_kept_rows
             W.copy_(restored)
 
     def extra_repr(self) -> str:
