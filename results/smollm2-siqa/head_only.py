@@ -3,8 +3,8 @@
 For each run folder given, scores the test questions the run was scored on twice: as trained, and with
 the adapter's update switched off while the trained score head stays. Also reports the adapter's
 size, ||s B A||_F / ||W0||_F averaged over the adapted layers (DoRA: its merged change).
-Needs the run's adapter/ folder, which `replora experiment sample-efficiency` keeps beside metrics.json
-(adapters are not committed: rerun the grid to get them). Usage:
+Needs the run's adapter/ folder, which `replora experiment sample-efficiency` keeps beside metrics.json;
+adapters are not committed, so in a fresh clone run the grid into a new folder (`--runs <folder>`). Usage:
 
     python results/smollm2-siqa/head_only.py results/smollm2-siqa/runs/lora-lr0.001-f*-s* > head_only.md
 """
