@@ -12,22 +12,13 @@ import json
 import sys
 from pathlib import Path
 
-import torch
+from accelerate import Accelerator
 
 from replora import load_adapter
 from replora.data import load_task
 from replora.model import adapted_layers
 from replora.models import load_model
-from replora.train import Collator, _cap, _loader, forward_logits
-
-
-def accuracy(model, loader) -> float:
-    correct = total = 0
-    with torch.no_grad():
-        for batch in loader:
-            correct += (forward_logits(model, batch).argmax(-1) == batch["labels"]).sum().item()
-            total += batch["labels"].numel()
-    return correct / total
+from replora.train import Collator, _cap, _loader, evaluate
 
 
 def relative_update(model) -> float:
@@ -39,7 +30,7 @@ def relative_update(model) -> float:
 
 
 def main(folders: list[str]) -> None:
-    torch.set_grad_enabled(False)
+    accelerator = Accelerator(cpu=True)  # one process; the model and batches stay on the CPU
     print("| run | test as trained (%) | head only, adapter off (%) | adapter ‖ΔW‖/‖W0‖ |")
     print("|---|---|---|---|")
     for folder in map(Path, folders):
@@ -47,14 +38,13 @@ def main(folders: list[str]) -> None:
         task = load_task(s["dataset"], s["text_column"], s["label_column"], s["choices_column"])
         model, tokenizer = load_model(s["model"], task.num_labels)
         load_adapter(model, folder / "adapter")
-        model.eval()
         loader = _loader(_cap(task.test, s["max_eval_examples"]),
                          Collator(tokenizer, task.kind, s["max_length"]), s["eval_batch_size"], None)
-        trained = accuracy(model, loader)
+        trained = evaluate(model, loader, accelerator)
         layers = adapted_layers(model).values()
         for layer in layers:  # the adapter's update off; the saved score head keeps its trained weights
             layer.disabled = True
-        head_only = accuracy(model, loader)
+        head_only = evaluate(model, loader, accelerator)
         for layer in layers:
             layer.disabled = False
         print(f"| {folder.name} | {100 * trained:.1f} | {100 * head_only:.1f} | {relative_update(model):.4f} |",
