@@ -14,7 +14,7 @@ from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassificati
                           ViTForImageClassification)
 
 import replora
-from replora.assets import minilm_path
+from replora.training.pretrained import minilm_path
 
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}  # for subprocess runs
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import replora
-from replora.factors import GeneratedFactors
+from replora.methods import RepLoRA
 from replora.layer import AdaptedLayer
 
 from conftest import TINY_MODELS, METHOD_VARIANTS, make_config, outputs, train_steps
@@ -42,37 +42,58 @@ def test_regex_targets_match_whole_names():
     assert target_names(model) == ["bert.encoder.layer.1.attention.self.key", "bert.encoder.layer.1.attention.self.query"]
 
 
+def replora_groups(model):
+    """{group: its targets' roles}, from the adapters (each group once, in model order)."""
+    groups = {}
+    for layer in (m for m in model.modules() if isinstance(m, AdaptedLayer)):
+        adapter = layer.lora["default"]
+        groups.setdefault(adapter.group, []).append(adapter.role)
+    return groups
+
+
+def generator_pairs(model):
+    return list({id(g.generators): g.generators for g in replora_groups(model)}.values())
+
+
+def where(model, module):
+    """The path under which the model holds `module`."""
+    return next(name for name, m in model.named_modules() if m is module)
+
+
 def groups_of(model):
-    return {name: sorted(m.role for _, l in model.named_modules() if isinstance(l, AdaptedLayer)
-                         for m in l.lora.values() if m.group is group)
-            for name, group in model.replora.banks["default"].groups.items()}
+    return {where(model, group): sorted(roles) for group, roles in replora_groups(model).items()}
 
 
 def test_replora_groups_a_blocks_targets_and_lone_targets_get_their_own():
     config = make_config(BERT, "replora", target_modules=["query", "value", "pooler.dense"])
     model = replora.inject(BERT.build(), config)
+    # A block's group sits in the block (wrapping the block keeps it), a lone target's in its own adapter.
     assert groups_of(model) == {
-        "bert_encoder_layer_0": ["attention_self_query", "attention_self_value"],
-        "bert_encoder_layer_1": ["attention_self_query", "attention_self_value"],
-        "bert_pooler_dense": ["dense"],
+        "bert.encoder.layer.0.lora_shared.default.group": ["attention_self_query", "attention_self_value"],
+        "bert.encoder.layer.1.lora_shared.default.group": ["attention_self_query", "attention_self_value"],
+        "bert.pooler.dense.lora.default.group": ["dense"],
     }
     train_steps(model, BERT)  # the lone target trains as well
-    assert model.replora.banks["default"].generators["bert_pooler_dense"].lora_B_generator.head.weight.abs().sum() > 0
+    assert model.bert.pooler.dense.lora["default"].group.generators.lora_B_generator.head.weight.abs().sum() > 0
 
 
 def test_model_sharing_uses_one_generator_pair_for_blocks_of_equal_shape():
     model = replora.inject(LLAMA.build(), make_config(LLAMA, "replora-modelsharing"))
-    bank = model.replora.banks["default"]
-    assert list(bank.generators) == ["shared0"] and len(bank.groups) == 2
+    pairs = generator_pairs(model)
+    assert len(pairs) == 1 and len(replora_groups(model)) == 2
+    # Held once, by the nearest plain module above both blocks (model.layers is a ModuleList).
+    assert where(model, pairs[0]) == "model.lora_shared.default.generators"
+    assert sorted(where(model, g) for g in replora_groups(model)) == [
+        "model.layers.0.lora_shared.default.group", "model.layers.1.lora_shared.default.group"]
     none = replora.inject(LLAMA.build(), make_config(LLAMA, "replora-nosharing"))
-    assert len(none.replora.banks["default"].groups) == 4
+    assert len(replora_groups(none)) == 4 and len(generator_pairs(none)) == 4
 
 
 @pytest.mark.parametrize("sharing, calls_per_forward", [("block", 2), ("model", 2), ("none", 4)])
 def test_generators_run_once_per_group_per_forward(sharing, calls_per_forward):
     model = replora.inject(BERT.build(), make_config(BERT, "replora", replora_sharing=sharing))
     calls = []
-    for generators in model.replora.banks["default"].generators.values():
+    for generators in generator_pairs(model):
         generators.lora_A_generator.head.register_forward_hook(lambda *_: calls.append(1))
     model.train()
     model(**BERT.inputs()).logits.sum().backward()
@@ -88,7 +109,7 @@ def test_generators_run_once_per_group_per_forward(sharing, calls_per_forward):
 def test_inference_reuses_generated_factors_until_a_parameter_changes():
     model = train_steps(replora.inject(BERT.build(), make_config(BERT, "replora")), BERT).eval()
     calls = []
-    for generators in model.replora.banks["default"].generators.values():
+    for generators in generator_pairs(model):
         generators.lora_A_generator.head.register_forward_hook(lambda *_: calls.append(1))
     inputs = BERT.inputs()
 
@@ -102,10 +123,10 @@ def test_inference_reuses_generated_factors_until_a_parameter_changes():
         first = model(**inputs).logits
         torch.testing.assert_close(model(**inputs).logits, first, rtol=0, atol=0)
     assert len(calls) == 2  # two blocks, generated once for both forwards
-    group_params = [p for n, p in model.named_parameters() if n.startswith("replora.")]
+    group_params = [p for n, p in model.named_parameters() if ".lora_shared." in n]
     changes = [
         (True, lambda: torch.optim.SGD(group_params, lr=0.5).step()),  # an optimizer step (in-place, no_grad)
-        (True, lambda: model.load_state_dict({n: t + 0.1 if n.startswith("replora.") else t
+        (True, lambda: model.load_state_dict({n: t + 0.1 if ".lora_shared." in n else t
                                               for n, t in model.state_dict().items()})),
         (False, lambda: model.double().float()),  # same values in new storages
     ]
@@ -182,8 +203,9 @@ def test_deepcopy_of_an_adapted_model_is_independent(variant):
     torch.testing.assert_close(outputs(model, BERT.inputs()), outputs(BERT.build(), BERT.inputs()), atol=1e-6, rtol=1e-6)
     for layer in (m for m in twin.modules() if isinstance(m, AdaptedLayer)):
         adapter = layer.lora["default"]
-        if isinstance(adapter, GeneratedFactors):
-            assert any(adapter.group is g for g in twin.replora.banks["default"].groups.values())
+        if isinstance(adapter, RepLoRA):  # the copy's adapters use the copy's own groups
+            assert any(adapter.group is m for m in twin.modules())
+            assert not any(adapter.group is m for m in model.modules())
 
 
 def test_eval_model_stays_eval_and_training_model_stays_training():

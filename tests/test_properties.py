@@ -74,7 +74,7 @@ def dora_conditioning(model):
     against its magnitude, so its rounding grows with max m / norm (PEFT's forward shares this); 1 otherwise."""
     worst = 1.0
     for m in model.modules():
-        if isinstance(m, AdaptedLayer) and (a := m.lora[m.active_adapter]).lora_magnitude is not None:
+        if isinstance(m, AdaptedLayer) and hasattr(a := m.lora[m.active_adapter], "lora_magnitude"):
             norms = (m.base_weight() + a.delta_weight()).norm(dim=1)  # base_weight() is (out, in) for Conv1D too
             worst = max(worst, (a.lora_magnitude.abs() / norms).max().item())
     return worst

@@ -12,12 +12,12 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from replora.cli import main
-from replora.data import load_task, rotten_tomatoes, bigbench, stratified_fraction
+from replora.training.cli import main
+from replora.training.data import load_task, rotten_tomatoes, bigbench, stratified_fraction
 
 from conftest import ENV, sentiment_rows, write_jsonl
 
-REPLORA = [sys.executable, "-m", "replora.cli"]
+REPLORA = [sys.executable, "-m", "replora"]
 
 
 def run(args, **kwargs):
@@ -164,7 +164,7 @@ def test_two_processes_end_with_the_same_adapter_as_one(tmp_path, tiny_folders):
     one = run(common + ["--output", str(tmp_path / "one")], timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", "29533", "-m", "replora.cli"] + common + ["--output", str(tmp_path / "two")],
+                          "--master-port", "29533", "-m", "replora"] + common + ["--output", str(tmp_path / "two")],
                          env=ENV, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     metrics = {k: json.loads((tmp_path / k / "metrics.json").read_text()) for k in ("one", "two")}

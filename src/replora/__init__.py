@@ -1,13 +1,18 @@
-"""replora: LoRA, DoRA, MoSLoRA and RepLoRA adapters for any PyTorch / transformers model."""
-__version__ = "0.1.0"
+"""replora: LoRA, DoRA, MoSLoRA and RepLoRA adapters for any PyTorch / transformers model.
 
-from .config import AdapterConfig  # noqa: E402
-from .interop import export_peft, import_peft, merged_state_dict, save_merged  # noqa: E402
-from .io import load_adapter, read_adapter, save_adapter  # noqa: E402
-from .model import (active_adapter, add_adapter, count_parameters, delete_adapter, disable_adapters,  # noqa: E402
-                    get_config, inject, merge, set_adapter, unload, unmerge)
+The library is this package's top level: methods/ (one file per method, and their registry), layer.py
+(the adapted layer), model.py (inject, merge, unload...), saving.py, interop.py (PEFT). The fine-tuning
+pipeline (data, pretrained models, training loop, CLI) is the `replora.training` subpackage.
+"""
+from .config import AdapterConfig
+from .interop import export_peft, import_peft, merged_state_dict, save_merged
+from .methods import METHODS, Method, register_method
+from .model import (active_adapter, add_adapter, count_parameters, delete_adapter, disable_adapters, get_config,
+                    inject, merge, set_adapter, unload, unmerge)
+from .saving import load_adapter, read_adapter, save_adapter
+from .version import __version__
 
 __all__ = ["AdapterConfig", "inject", "merge", "unmerge", "unload", "save_adapter", "load_adapter",
            "read_adapter", "count_parameters", "get_config", "add_adapter", "set_adapter", "active_adapter",
            "disable_adapters", "delete_adapter", "export_peft", "import_peft", "save_merged", "merged_state_dict",
-           "__version__"]
+           "METHODS", "Method", "register_method", "__version__"]

@@ -1,7 +1,7 @@
 """Interoperability: every method exported as a standard PEFT LoRA (or DoRA) adapter, PEFT adapters
 imported, and the merged model saved as a plain transformers folder.
 
-Every method reduces to plain LoRA factors after training (METHODS.md): MoSLoRA's A' = M A and
+Every method reduces to plain LoRA factors after training (docs/methods.md): MoSLoRA's A' = M A and
 RepLoRA's generated (A_t, B_t) are written as lora_A / lora_B, so PEFT, vLLM and friends serve them
 at LoRA's cost.
 """
@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
 from .config import AdapterConfig
-from .io import CONFIG_NAME, base_model_name, load_tensors, read_adapter_files, write_adapter_folder, write_folder
-from .model import STATE_ATTR, _require_adapter, adapted_layers, get_config, saved_modules, walk
 from .layer import SUPPORTED_LAYERS, AdaptedLayer
+from .model import adapted_layers, get_config, require_adapter, saved_modules, shared_modules, walk
+from .saving import CONFIG_NAME, base_model_name, load_tensors, read_adapter_files, write_adapter_folder, write_folder
+from .version import __version__
 
 PEFT_PREFIX = "base_model.model."
 # PEFT LoraConfig options that change what the file means; import refuses them unless at their default.
@@ -43,7 +43,7 @@ def _shortest_suffixes(model: nn.Module, targets: list[str]) -> list[str]:
 def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
     """Write an adapter (default: the active one) as a PEFT LoRA adapter folder that
     `peft.PeftModel.from_pretrained(base_model, path)` loads with no missing or unexpected keys."""
-    name = _require_adapter(model, adapter_name)
+    name = require_adapter(model, adapter_name)
     config = get_config(model, name)
     layers = {p: layer for p, layer in adapted_layers(model).items() if name in layer.lora}
     kinds = {layer.fan_in_fan_out for layer in layers.values()}
@@ -60,7 +60,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
             A, B = adapter.factors()
             tensors[f"{PEFT_PREFIX}{p}.lora_A.weight"] = A
             tensors[f"{PEFT_PREFIX}{p}.lora_B.weight"] = B
-            if adapter.lora_magnitude is not None:
+            if hasattr(adapter, "lora_magnitude"):  # DoRA-like: PEFT's use_dora
                 tensors[f"{PEFT_PREFIX}{p}.lora_magnitude_vector"] = adapter.lora_magnitude
         saved = {p: m.copies[name] for p, m in saved_modules(model).items() if name in m.copies}
         for p, module in saved.items():
@@ -69,7 +69,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
     peft_config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name(model),
         "r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-        "use_rslora": config.use_rslora, "use_dora": config.method == "dora",
+        "use_rslora": config.use_rslora, "use_dora": any(k.endswith("lora_magnitude_vector") for k in tensors),
         "target_modules": _shortest_suffixes(model, list(layers)), "fan_in_fan_out": kinds == {True},
         "modules_to_save": sorted(saved) or None, "bias": "none", "init_lora_weights": True,
         "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
@@ -114,12 +114,13 @@ def _from_peft_key(key: str) -> str:
 def merged_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
     """The state dict the plain model would have after unload(merge=True) with this adapter active,
     computed without changing `model`."""
-    name = _require_adapter(model, adapter_name)
+    name = require_adapter(model, adapter_name)
     layers, saved = adapted_layers(model), saved_modules(model)
+    shared = tuple(f"{path}.lora_shared.".lstrip(".") for path in shared_modules(model))
     plain = {}
     for key, tensor in model.state_dict().items():
-        if key.startswith(STATE_ATTR + "."):
-            continue  # RepLoRA's generators: folded into the merged weights
+        if key.startswith(shared):
+            continue  # RepLoRA's seeds and generators: folded into the merged weights
         owner = _owner(key, layers, saved)
         if owner is None:
             plain[key] = tensor

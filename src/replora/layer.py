@@ -1,14 +1,15 @@
-"""The adapted layer: one forward, one merge and one unmerge for every method."""
+"""The modules replora puts into a model: the adapted layer (one forward, one merge and one unmerge for
+every method: each method's rule is its own, in methods/), the trained copies of modules_to_save, and
+the holder of modules several targets share (RepLoRA's seeds and generators)."""
 from __future__ import annotations
 
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .factors import TargetAdapter
+from .methods import Method
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D)
 
@@ -42,7 +43,7 @@ class AdaptedLayer(nn.Module):
         w = self.base_layer.weight
         return w.T if self.fan_in_fan_out else w
 
-    def add_adapter(self, name: str, adapter: TargetAdapter) -> None:
+    def add_adapter(self, name: str, adapter: Method) -> None:
         self.lora[name] = adapter
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -50,43 +51,20 @@ class AdaptedLayer(nn.Module):
         name = self.active_adapter
         if self.disabled or name is None or name in self.merged_adapters or name not in self.lora:
             return result
-        adapter = self.lora[name]
-        A, B = adapter.factors()
-        B = B * adapter.scaling  # (out, r): cheaper than scaling the (tokens, out) output
-        dropped = adapter.dropout(x.to(A.dtype))
-        update = F.linear(F.linear(dropped, A), B)
-        magnitude = adapter.lora_magnitude
-        if magnitude is None:
-            return result + update.to(result.dtype)
-        # DoRA: y = m / ||W0 + sBA|| * (W0 x + sBA x) + b. The norm is detached from the graph, as
-        # DoRA §4.3 recommends (less memory, same update direction).
-        W0 = self.base_weight()
-        with torch.no_grad():
-            norm = (W0 + B @ A).norm(dim=1)
-        scale = magnitude / norm
-        if isinstance(adapter.dropout, nn.Identity) or not adapter.training:
-            base = result if self.bias is None else result - self.bias
-        else:
-            base = F.linear(dropped, W0)  # W0 dropout(x), as the update sees dropout(x)
-        return result + ((scale - 1) * base + scale * update).to(result.dtype)
+        return self.lora[name](x, result, self)
 
-    def _exact(self, t: torch.Tensor) -> torch.Tensor:
-        """t in the precision merges are computed in: float32, or the weight's own if wider (float64)."""
-        return t.to(torch.promote_types(self.weight.dtype, torch.float32))
+    def _exact(self, W: torch.Tensor) -> torch.Tensor:
+        """W (out, in) in the precision merges are computed in: float32, or the weight's own if wider (float64)."""
+        return W.to(torch.promote_types(self.weight.dtype, torch.float32))
 
-    def _fold(self, adapter: TargetAdapter, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W (out, in, merge precision) with the adapter folded in; DoRA also returns the row norms it divided by."""
-        target = W + self._exact(adapter.delta_weight())
-        if adapter.lora_magnitude is None:
-            return target, None
-        norm = target.norm(dim=1)
-        return target * (self._exact(adapter.lora_magnitude) / norm)[:, None], norm
+    def _store(self, W: torch.Tensor) -> torch.Tensor:
+        """W (out, in) back in the base layer's layout and dtype."""
+        return (W.T if self.fan_in_fan_out else W).to(self.weight.dtype)
 
     @torch.no_grad()
     def merged_weight(self, name: str) -> torch.Tensor:
-        """The base weight with adapter `name` folded in, in the base layer's layout and dtype."""
-        W, _ = self._fold(self.lora[name], self._exact(self.base_weight()))
-        return (W.T if self.fan_in_fan_out else W).to(self.weight.dtype)
+        """The base weight with adapter `name` folded in, in the base layer's layout and dtype; changes nothing."""
+        return self._store(self.lora[name].fold(self._exact(self.base_weight())))
 
     @torch.no_grad()
     def merge(self, name: str | None = None) -> None:
@@ -94,14 +72,7 @@ class AdaptedLayer(nn.Module):
         name = name or self.active_adapter
         if name in self.merged_adapters or name not in self.lora:
             return
-        adapter = self.lora[name]
-        W = self.base_weight()
-        target, norm = self._fold(adapter, self._exact(W))
-        if norm is not None:
-            adapter.merge_norm = norm  # kept to undo the rescaling exactly in unmerge
-            # A row whose magnitude is exactly 0 merges to zeros and cannot be scaled back: keep it as it was.
-            adapter.merge_kept_rows = W[adapter.lora_magnitude == 0].clone()
-        W.copy_(target.to(W.dtype))
+        self.weight.copy_(self._store(self.lora[name].merge(self._exact(self.base_weight()))))
         self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -109,16 +80,7 @@ class AdaptedLayer(nn.Module):
         """Undo every merge, last first."""
         while self.merged_adapters:
             adapter = self.lora[self.merged_adapters.pop()]
-            W = self.base_weight()
-            restored = self._exact(W)
-            is_dora = adapter.lora_magnitude is not None
-            if is_dora:
-                restored = restored * (adapter.merge_norm / self._exact(adapter.lora_magnitude))[:, None]
-            restored = (restored - self._exact(adapter.delta_weight())).to(W.dtype)
-            if is_dora:
-                restored[adapter.lora_magnitude == 0] = adapter.merge_kept_rows
-                del adapter.merge_norm, adapter.merge_kept_rows
-            W.copy_(restored)
+            self.weight.copy_(self._store(adapter.unmerge(self._exact(self.base_weight()))))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, merged={self.merged_adapters}"
@@ -151,3 +113,8 @@ class SavedModule(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.current(), name)  # code that reads e.g. `classifier.weight` keeps working
+
+
+class SharedModules(nn.ModuleDict):
+    """`lora_shared` of a model module: per adapter name, the modules several of its targets share
+    (RepLoRA's seeds and generators of the block it sits in)."""

@@ -2,44 +2,35 @@
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from contextlib import contextmanager
 
 from torch import nn
 
 from .config import AdapterConfig
-from .factors import GeneratedFactors, LoRAFactors, MoSLoRAFactors, RepLoRAGenerators, RepLoRAGroup
-from .layer import SUPPORTED_LAYERS, AdaptedLayer, SavedModule
+from .layer import SUPPORTED_LAYERS, AdaptedLayer, SavedModule, SharedModules
+from .methods import METHODS
 
-STATE_ATTR = "replora"  # the root model's child that holds configs and RepLoRA's shared generators
+STATE_ATTR = "replora_state"  # a plain attribute of the root model (no module, no tensors): see AdapterState
+SHARED_ATTR = "lora_shared"  # the SharedModules child of a model module that holds what its targets share
 
 # Tried in order when target_modules is None: the attention query/value projections of common families.
 DEFAULT_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("q_lin", "v_lin"),
                    ("query_key_value",), ("q", "v"))
 
 
-class AdapterState(nn.Module):
-    """What inject adds to the root model: configs, RepLoRA banks and what unload must restore."""
+class AdapterState:
+    """What inject keeps on the root model, as a plain attribute: the adapters' configs, the active one,
+    and the requires_grad flags unload restores. Not a module, so the model's children, state_dict and
+    save_pretrained are untouched; only adapted layers (and RepLoRA's shared modules) enter the model."""
 
     def __init__(self):
-        super().__init__()
-        self.banks = nn.ModuleDict()  # adapter name -> RepLoRABank
         self.configs: dict[str, AdapterConfig] = {}
         self.active_adapter: str | None = None
         self.requires_grad_before: dict[str, bool] = {}
 
 
-class RepLoRABank(nn.Module):
-    """All RepLoRA parameters of one adapter: per-group seeds and the (possibly shared) generators."""
-
-    def __init__(self):
-        super().__init__()
-        self.groups = nn.ModuleDict()
-        self.generators = nn.ModuleDict()
-
-
 def adapter_state(model: nn.Module) -> AdapterState | None:
-    state = getattr(model, STATE_ATTR, None)
+    state = model.__dict__.get(STATE_ATTR)
     return state if isinstance(state, AdapterState) else None
 
 
@@ -48,7 +39,7 @@ def walk(module: nn.Module, prefix: str = ""):
     for name, child in module.named_children():
         path = f"{prefix}.{name}" if prefix else name
         yield path, child
-        if not isinstance(child, (AdaptedLayer, SavedModule, AdapterState)):
+        if not isinstance(child, (AdaptedLayer, SavedModule, SharedModules)):
             yield from walk(child, path)
 
 
@@ -58,6 +49,11 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
 
 def saved_modules(model: nn.Module) -> dict[str, SavedModule]:
     return {name: m for name, m in walk(model) if isinstance(m, SavedModule)}
+
+
+def shared_modules(model: nn.Module) -> dict[str, SharedModules]:
+    """{path of the holder: its SharedModules}; the root model's path is ""."""
+    return {name.rpartition(".")[0]: m for name, m in walk(model) if isinstance(m, SharedModules)}
 
 
 def _matches_suffix(name: str, key: str) -> bool:
@@ -127,73 +123,6 @@ def _suffixes(layers) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n in layers})
 
 
-def block_of(path: str) -> str | None:
-    """The block a layer belongs to: the path up to its last numeric component
-    ('encoder.layer.3.attention.self.query' -> 'encoder.layer.3'); None outside any block."""
-    match = re.match(r"^((?:.*\.)?\d+)\.", path)
-    return match.group(1) if match else None
-
-
-def _key(path: str) -> str:
-    return path.replace(".", "_") or "_"
-
-
-def _build_replora(config: AdapterConfig, layers: dict[str, AdaptedLayer]):
-    """Group the targets (METHODS.md), build seeds and generators; returns (bank, adapters)."""
-    groups: dict[str, dict[str, str]] = defaultdict(dict)  # group path -> role -> target path
-    in_block: dict[str, bool] = {}
-    for path in layers:
-        block = block_of(path) if config.replora_sharing != "none" else None
-        if block is None:  # no block (or no sharing): the target is a group of its own
-            groups[path][path.rsplit(".", 1)[-1]] = path
-        else:
-            groups[block][path[len(block) + 1:]] = path
-        in_block[block or path] = block is not None
-    bank, adapters = RepLoRABank(), {}
-    shared: dict[tuple, RepLoRAGenerators] = {}  # "model" sharing: one generator pair per block shape
-    for group_path, members in groups.items():
-        group_layers = {_key(role): layers[path] for role, path in members.items()}
-        if len(group_layers) < len(members) or _key(group_path) in bank.groups:
-            raise ValueError(f"module names under {group_path!r} collide once dots become underscores; "
-                             "use replora_sharing='none' or target these layers in separate adapters")
-        like = _like(next(iter(group_layers.values())).base_layer)
-        in_sizes = {role: layer.in_features for role, layer in group_layers.items()}
-        out_sizes = {role: layer.out_features for role, layer in group_layers.items()}
-        # Project choice: a full seed is as wide as the group's widest input (A) and output (B).
-        widths = ((config.r, config.r) if config.replora_seed == "diagonal"
-                  else (max(in_sizes.values()), max(out_sizes.values())))
-        signature = (tuple(in_sizes.items()), tuple(out_sizes.items()))
-        share = config.replora_sharing == "model" and in_block[group_path]
-        generators = shared.get(signature) if share else None
-        calibrate = generators is None
-        if generators is None:
-            generators = RepLoRAGenerators(config, widths, in_sizes, out_sizes, **like)
-            if share:
-                shared[signature] = generators
-            bank.generators[f"shared{len(shared) - 1}" if share else _key(group_path)] = generators
-        group = RepLoRAGroup(config, generators, widths, **like)
-        if calibrate:
-            generators.calibrate_A_heads(group.lora_A_seed)
-        bank.groups[_key(group_path)] = group
-        for role, path in members.items():
-            adapters[path] = GeneratedFactors(config, group, _key(role))
-    return bank, adapters
-
-
-def _like(layer: nn.Module) -> dict:
-    w = layer.weight
-    return {"device": w.device, "dtype": w.dtype}
-
-
-def _build_adapter(config: AdapterConfig, layer: AdaptedLayer):
-    like = _like(layer.base_layer)
-    cls = MoSLoRAFactors if config.method == "moslora" else LoRAFactors
-    adapter = cls(config, layer.in_features, layer.out_features, **like)
-    if config.method == "dora":
-        adapter.init_magnitude(layer.base_weight())
-    return adapter
-
-
 def _require_state(model: nn.Module) -> AdapterState:
     state = adapter_state(model)
     if state is None:
@@ -201,7 +130,7 @@ def _require_state(model: nn.Module) -> AdapterState:
     return state
 
 
-def _require_adapter(model: nn.Module, adapter_name: str | None) -> str:
+def require_adapter(model: nn.Module, adapter_name: str | None) -> str:
     state = _require_state(model)
     name = state.active_adapter if adapter_name is None else adapter_name
     if name not in state.configs:
@@ -250,21 +179,18 @@ def _add(model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
     layers = {path: base if isinstance(base, AdaptedLayer) else AdaptedLayer(base).train(base.training)
               for path, base in targets.items()}
     state = adapter_state(model) or AdapterState()
-    bank = None
-    if config.method == "replora":
-        bank, adapters = _build_replora(config, layers)
-        bank.train(model.training)
-    else:
-        adapters = {path: _build_adapter(config, layer) for path, layer in layers.items()}
+    adapters, shared = METHODS[config.method].build(config, layers, model)
     # Commit: from here on nothing can fail on user input.
     if adapter_state(model) is None:
-        state.train(model.training)
         state.requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
-        setattr(model, STATE_ATTR, state)
+        model.__dict__[STATE_ATTR] = state
     state.configs[adapter_name] = config
-    if bank is not None:
-        state.banks[adapter_name] = bank
+    for path, parts in shared.items():
+        holder = model.get_submodule(path)
+        if not isinstance(getattr(holder, SHARED_ATTR, None), SharedModules):
+            setattr(holder, SHARED_ATTR, SharedModules())
+        getattr(holder, SHARED_ATTR)[adapter_name] = nn.ModuleDict(parts).train(holder.training)
     for path, layer in layers.items():
         layer.add_adapter(adapter_name, adapters[path].train(layer.training))
         if layer is not targets[path]:
@@ -283,15 +209,16 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
 
 def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Make `adapter_name` the one that runs, trains, merges, saves and exports; the others are frozen."""
-    name = _require_adapter(model, adapter_name)
+    name = require_adapter(model, adapter_name)
     state = _require_state(model)
     state.active_adapter = name
     for wrapper in list(adapted_layers(model).values()) + list(saved_modules(model).values()):
         wrapper.active_adapter = name
         for other, module in (wrapper.lora if isinstance(wrapper, AdaptedLayer) else wrapper.copies).items():
             module.requires_grad_(other == name)
-    for other, bank in state.banks.items():
-        bank.requires_grad_(other == name)
+    for holder in shared_modules(model).values():
+        for other, module in holder.items():
+            module.requires_grad_(other == name)
     return model
 
 
@@ -319,7 +246,7 @@ def disable_adapters(model: nn.Module):
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Remove one named adapter; the model keeps the others (use unload to remove the last one)."""
-    name = _require_adapter(model, adapter_name)
+    name = require_adapter(model, adapter_name)
     state = _require_state(model)
     if len(state.configs) == 1:
         raise ValueError(f"{name!r} is the model's only adapter; call replora.unload(model) to remove it")
@@ -336,8 +263,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
             del module.copies[name]
             if not len(module.copies):
                 _replace(model, path, module.original_module)
-    if name in state.banks:
-        del state.banks[name]
+    _remove_shared(model, name)
     del state.configs[name]
     if state.active_adapter == name:
         set_adapter(model, next(iter(state.configs)))
@@ -347,7 +273,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
 def merge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     """Fold an adapter (default: the active one) into the base weights: inference then costs what the
     base model costs."""
-    name = _require_adapter(model, adapter_name)
+    name = require_adapter(model, adapter_name)
     for layer in adapted_layers(model).values():
         layer.merge(name)
     return model
@@ -374,10 +300,20 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         _replace(model, path, layer.base_layer)
     for path, module in saved_modules(model).items():
         _replace(model, path, module.current() if merge else module.original_module)
-    delattr(model, STATE_ATTR)
+    for name in state.configs:
+        _remove_shared(model, name)
+    del model.__dict__[STATE_ATTR]
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad_before.get(name, param.requires_grad))
     return model
+
+
+def _remove_shared(model: nn.Module, adapter_name: str) -> None:
+    for path, holder in shared_modules(model).items():
+        if adapter_name in holder:
+            del holder[adapter_name]
+        if not len(holder):
+            delattr(model.get_submodule(path), SHARED_ATTR)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -388,4 +324,4 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def get_config(model: nn.Module, adapter_name: str | None = None) -> AdapterConfig:
     """The config of an adapter (default: the active one)."""
-    return _require_state(model).configs[_require_adapter(model, adapter_name)]
+    return _require_state(model).configs[require_adapter(model, adapter_name)]

@@ -1,21 +1,33 @@
-"""Experiments run end to end on a tiny budget, and a second call skips every finished run."""
+"""The research commands (`python -m research ...`) run end to end on a tiny budget, and a second call
+skips every finished run."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
-from replora.cli import main
-from replora.experiments import claim_2_verdict
+import pytest
 
-from conftest import sentiment_rows, write_jsonl
+import research
+from replora.methods import METHODS
+from research import bench, cli, experiments
+from research.cli import main
+from research.experiments import claim_2_verdict
+
+from conftest import ENV, sentiment_rows, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _stamps(root):
     return {p.parent.name: p.stat().st_mtime_ns for p in (root / "runs").glob("*/metrics.json")}
 
 
+@pytest.mark.slow
 def test_sample_efficiency_runs_end_to_end_and_resumes(tmp_path, tiny_folders, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(120))
-    args = ["experiment", "sample-efficiency", "--model", tiny_folders["bert"], "--dataset", str(data),
+    args = ["sample-efficiency", "--model", tiny_folders["bert"], "--dataset", str(data),
             "--methods", "lora", "replora", "full", "--fractions", "0.5", "1.0", "--seeds", "0", "1",
             "--epochs", "1", "--lrs", "1e-3", "3e-3", "--output", str(tmp_path / "se")]
     assert main(args) == 0
@@ -49,18 +61,21 @@ def test_sample_efficiency_runs_end_to_end_and_resumes(tmp_path, tiny_folders, c
 def test_learning_rate_grids_are_checked(tmp_path, capsys):
     for lrs, message in [(["dora=1e-3"], "not among this grid's methods"), (["lora=fast"], "method=rate"),
                          (["1e-3"], None)]:
-        args = ["experiment", "sample-efficiency", "--methods", "lora", "full", "--lrs", *lrs,
+        args = ["sample-efficiency", "--methods", "lora", "full", "--lrs", *lrs,
                 "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]
         assert main(args) == 2
         err = capsys.readouterr().err
+        lines = err.splitlines()  # training's progress lines may come first; then one error line
+        assert lines[-1].startswith("research: error: ") and sum(x.startswith("research:") for x in lines) == 1
         assert (message or "missing") in err and "Traceback" not in err
-    assert main(["experiment", "sample-efficiency", "--grid", "smollm2-siqa", "--methods", "full"]) == 2
-    assert "no learning rates for ['full']: give them, e.g. --lrs full=1e-3" in capsys.readouterr().err
+    assert main(["sample-efficiency", "--grid", "smollm2-siqa", "--methods", "full"]) == 2
+    err = capsys.readouterr().err
+    assert err == "research: error: grid smollm2-siqa has no learning rates for ['full']: give them, e.g. --lrs full=1e-3\n"
 
 
 def test_ablations_run_end_to_end_and_resume(tmp_path, tiny_folders):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(60))
-    args = ["experiment", "ablations", "--model", tiny_folders["bert"], "--dataset", str(data), "--seeds", "0",
+    args = ["ablations", "--model", tiny_folders["bert"], "--dataset", str(data), "--seeds", "0",
             "--epochs", "1", "--lrs", "1e-3", "--output", str(tmp_path / "ab")]
     assert main(args) == 0
     root = tmp_path / "ab"
@@ -75,7 +90,7 @@ def test_ablations_run_end_to_end_and_resume(tmp_path, tiny_folders):
 
 
 def test_theory_simulation_runs_end_to_end(tmp_path):
-    args = ["experiment", "theory", "--ns", "50", "200", "--repetitions", "2", "--inits", "1", "--lbfgs-steps", "20",
+    args = ["theory", "--ns", "50", "200", "--repetitions", "2", "--inits", "1", "--lbfgs-steps", "20",
             "--output", str(tmp_path / "th")]
     assert main(args) == 0
     rows = (tmp_path / "th" / "theory.csv").read_text().splitlines()
@@ -90,7 +105,9 @@ def test_bench_runs_on_a_tiny_model_in_seconds(tmp_path, tiny_folders):
     assert main(args) == 0
     results = json.loads((tmp_path / "b" / "bench.json").read_text())
     train = results["models"][0]["ranks"]["4"]["train"]
-    assert set(train) == {"peft-lora", "peft-dora", "replora-lora", "replora-dora", "replora-moslora", "replora-replora"}
+    # Every registered method is benchmarked, the four of the papers among them.
+    assert set(train) == {"peft-lora", "peft-dora"} | {f"replora-{m}" for m in METHODS}
+    assert {"replora-lora", "replora-dora", "replora-moslora", "replora-replora"} <= set(train)
     assert all(v["peak_bytes"] > 0 and v["ratio"]["rounds"] == 2 for v in train.values())
     assert train["replora-dora"]["reference"] == "peft-dora" and train["replora-replora"]["reference"] == "peft-lora"
     assert train["peft-lora"]["memory_ratio"] == 1.0  # the control: the reference against itself
@@ -106,3 +123,50 @@ def test_claim_2_verdict_reads_the_paired_differences():
     # 0.5 points short on average, differences spread by 1 point: short, but within the spread.
     assert claim_2_verdict([0.795, 0.81, 0.78], [0.80, 0.80, 0.80]).startswith("Not reached here, by less")
     assert claim_2_verdict([0.77, 0.78, 0.77], [0.80, 0.80, 0.80]) == "Did not hold here."
+
+
+def test_the_grids_and_the_bench_take_their_methods_from_the_registry():
+    methods = tuple(METHODS)
+    assert experiments.GRIDS["minilm-rt"].methods == (*methods, "full")
+    assert experiments.GRIDS["smollm2-siqa"].methods == methods
+    for grid in experiments.GRIDS.values():
+        assert set(grid.lrs) == set(grid.methods) and all(grid.lrs.values())
+    assert bench.REPLORA_METHODS == methods
+    assert bench.TRAIN_REFERENCES == {"peft-lora": "peft-lora", "peft-dora": "peft-lora",
+                                      **{f"replora-{m}": "peft-dora" if m == "dora" else "peft-lora" for m in methods}}
+
+
+def test_default_output_folders_are_under_research_results_wherever_it_runs(tmp_path, monkeypatch, capsys):
+    assert cli.RESULTS == Path(research.__file__).resolve().parent / "results"
+    assert cli.RESULTS == ROOT / "research" / "results"
+    monkeypatch.setattr(cli, "RESULTS", tmp_path / "results")  # not the committed results
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["theory", "--ns", "20", "40", "--repetitions", "1", "--inits", "1", "--lbfgs-steps", "2"]) == 0
+    assert (tmp_path / "results" / "theory" / "theory.csv").is_file()
+    assert f"results in {tmp_path / 'results' / 'theory'}" in capsys.readouterr().out
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_theory_refuses_a_single_sample_size(tmp_path, capsys):
+    assert main(["theory", "--ns", "50", "--output", str(tmp_path / "th")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("research: error: the theory simulation fits a slope") and "Traceback" not in err
+    assert not (tmp_path / "th").exists()
+
+
+def test_the_old_replora_commands_are_gone_and_unknown_ones_refused(capsys):
+    for argv in (["experiment", "theory"], ["train"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_python_m_research_runs_from_the_repository_root():
+    for command in ("theory", "bench"):
+        done = subprocess.run([sys.executable, "-m", "research", command, "--help"], cwd=ROOT, env=ENV,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"usage: research {command}") and "--output" in done.stdout

@@ -8,102 +8,24 @@ format) and checkpoints/epoch-N (written atomically each epoch; `latest` names t
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import AdapterConfig
-from .data import TaskData, load_task, stratified_fraction, SPLIT_SEED
-from .io import load_adapter, save_adapter, write_folder
-from .model import count_parameters, inject
-from .models import head_name, load_model
+from ..model import count_parameters, inject
+from ..saving import load_adapter, save_adapter, write_folder
+from .data import SPLIT_SEED, TaskData, capped, load_task, stratified_fraction
+from .pretrained import head_name, load_model
+from .settings import FULL, TrainSettings
 
-log = logging.getLogger("replora.train")
-
-
-@dataclass
-class TrainSettings:
-    """Everything a run needs; adapter options (r, lora_alpha, ...) go in `adapter`."""
-
-    model: str = "minilm"
-    dataset: str = "rotten_tomatoes"
-    method: str = "lora"
-    fraction: float = 1.0
-    epochs: int = 2
-    max_steps: int | None = None
-    seed: int = 0
-    output: str | None = None
-    resume: bool = False
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 1e-3
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    max_length: int = 64
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
-    eval_batch_size: int = 64
-    mixed_precision: str = "no"
-    text_column: str = "text"
-    label_column: str = "label"
-    choices_column: str | None = None
-    adapter: dict = dataclasses.field(default_factory=dict)
-
-    def validate(self) -> None:
-        positive = ("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_steps", "max_train_examples", "max_eval_examples"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {self.fraction!r}")
-        if not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1:
-            raise ValueError(f"lr must be a number in (0, 1), got {self.lr!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.max_grad_norm is not None and self.max_grad_norm < 0:
-            raise ValueError(f"max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        if self.method == FULL:
-            if self.adapter:
-                raise ValueError(f"method 'full' (full fine-tuning) takes no adapter options, got {sorted(self.adapter)}")
-        else:
-            self.adapter_config(head=None)  # adapter options are checked by AdapterConfig
-
-    def adapter_config(self, head: str | None) -> AdapterConfig:
-        options = dict(self.adapter)
-        if head is not None and "modules_to_save" not in options:
-            options["modules_to_save"] = [head]  # the new classification head trains in full
-        return AdapterConfig(method=self.method, **options)
-
-    def output_dir(self) -> Path:
-        if self.output:
-            return Path(self.output)
-        name = f"{Path(self.dataset).stem}-{Path(self.model).name}-{self.method}-f{self.fraction:g}-s{self.seed}"
-        return Path("runs") / name
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-FULL = "full"  # full fine-tuning, the reference line of the experiments: no adapter, every weight trains
+log = logging.getLogger("replora.training")
 
 
 class TrainingDiverged(RuntimeError):
@@ -116,10 +38,6 @@ def _training_examples(task: TaskData, s: TrainSettings) -> list[dict]:
         # The cap is the same training set for every seed and fraction (a fixed stratified subset).
         examples = stratified_fraction(examples, s.max_train_examples / len(examples), SPLIT_SEED)
     return stratified_fraction(examples, s.fraction, s.seed)
-
-
-def _cap(examples: list[dict], n: int | None) -> list[dict]:
-    return examples if n is None or n >= len(examples) else stratified_fraction(examples, n / len(examples), SPLIT_SEED)
 
 
 class Collator:
@@ -156,7 +74,7 @@ def forward_logits(model, batch: dict) -> torch.Tensor:
     return scores.masked_fill(~batch["choice_mask"], torch.finfo(scores.dtype).min)
 
 
-def _loader(examples, collate, batch_size: int, seed: int | None):
+def make_loader(examples, collate, batch_size: int, seed: int | None):
     generator = None
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
@@ -272,7 +190,7 @@ def train(settings: TrainSettings) -> dict:
     resume_from = _prepare_output(s, out)
     task = load_task(s.dataset, s.text_column, s.label_column, s.choices_column)
     train_examples = _training_examples(task, s)
-    validation, test = _cap(task.validation, s.max_eval_examples), _cap(task.test, s.max_eval_examples)
+    validation, test = capped(task.validation, s.max_eval_examples), capped(task.test, s.max_eval_examples)
 
     set_seed(s.seed)
     model, tokenizer = load_model(s.model, task.num_labels)
@@ -307,15 +225,15 @@ def train(settings: TrainSettings) -> dict:
 
     collate = Collator(tokenizer, task.kind, s.max_length)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    val_loader, test_loader = accelerator.prepare(_loader(validation, collate, s.eval_batch_size, None),
-                                                  _loader(test, collate, s.eval_batch_size, None))
+    val_loader, test_loader = accelerator.prepare(make_loader(validation, collate, s.eval_batch_size, None),
+                                                  make_loader(test, collate, s.eval_batch_size, None))
     progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
                     desc=s.method, unit="step", dynamic_ncols=True)
     started = time.perf_counter() - state["seconds"]
     model.train()
     for epoch in range(state["epoch"], epochs):
         # The epoch's order depends on (seed, epoch) only, so a resumed run sees the same batches.
-        loader = accelerator.prepare(_loader(train_examples, collate, s.batch_size, s.seed * 1000 + epoch))
+        loader = accelerator.prepare(make_loader(train_examples, collate, s.batch_size, s.seed * 1000 + epoch))
         losses, seen, epoch_start = [], 0, time.perf_counter()
         for batch in loader:
             if state["step"] >= total_steps:

@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .assets import rotten_tomatoes_csv
+from .pretrained import rotten_tomatoes_csv
 
 TASK_DATA = Path(__file__).parent / "task_data"
 BIGBENCH_TASKS = ("social_iqa", "strategyqa")
@@ -198,6 +198,11 @@ def bigbench(task: str) -> TaskData:
         examples.append({"text": ex["input"].strip(), "choices": choices, "label": scores.index(max(scores))})
     train, validation, test = _split(examples, 0.1, 0.2)
     return TaskData(task, "multiple_choice", train, validation, test)
+
+
+def capped(examples: list[dict], n: int | None) -> list[dict]:
+    """At most n examples: a fixed stratified subset, the same for every seed."""
+    return examples if n is None or n >= len(examples) else stratified_fraction(examples, n / len(examples), SPLIT_SEED)
 
 
 def stratified_fraction(examples: list[dict], fraction: float, seed: int) -> list[dict]:

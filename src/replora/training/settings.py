@@ -1,0 +1,202 @@
+"""TrainSettings: every setting of a run, each with its default and help beside it. The command line
+(cli.py) is made from these fields, from AdapterConfig's and from the methods' options, so the help
+and the defaults cannot drift apart."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import FIELD_NAMES as ADAPTER_FIELDS
+from ..config import AdapterConfig
+from ..methods import METHODS, method_options
+
+FULL = "full"  # full fine-tuning, the reference line of the experiments: no adapter, every weight trains
+
+
+def setting(default: Any, help: str, group: str, choices: tuple | None = None, **kwargs):
+    """A field with its help text, its group in `replora train --help` and its choices."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices}, **kwargs)
+
+
+@dataclass
+class TrainSettings:
+    """Everything a run needs; adapter options (r, lora_alpha, replora_activation, ...) go in `adapter`."""
+
+    model: str = setting("minilm", "minilm (packaged all-MiniLM-L6-v2), smollm2 (packaged SmolLM2-135M-Instruct), "
+                                   "a local transformers folder, or a hub id", "run")
+    dataset: str = setting("rotten_tomatoes", "rotten_tomatoes, social_iqa, strategyqa (multiple choice), a .csv / "
+                                              ".jsonl file, a saved Hugging Face dataset folder, or hf:<hub id>", "run")
+    method: str = setting("lora", f"adapter method; {FULL} = full fine-tuning, no adapter", "run",
+                          tuple(METHODS) + (FULL,))
+    fraction: float = setting(1.0, "train on this seeded, stratified fraction of the training split", "run")
+    epochs: int = setting(2, "passes over the training data", "run")
+    max_steps: int | None = setting(None, "stop after this many optimizer steps instead (overrides --epochs)", "run")
+    seed: int = setting(0, "seed of the head init, data order, dropout and --fraction", "run")
+    output: str | None = setting(None, "run folder (default: runs/<dataset>-<model>-<method>-f<fraction>-s<seed>)", "run")
+    resume: bool = setting(False, "continue the run in --output from its last checkpoint", "run")
+    batch_size: int = setting(32, "global batch size, kept whatever the number of processes", "training")
+    grad_accum: int = setting(1, "gradient accumulation steps", "training")
+    lr: float = setting(1e-3, "peak learning rate of AdamW", "training")
+    warmup_ratio: float = setting(0.06, "share of steps with linear warm-up, then linear decay", "training")
+    weight_decay: float = setting(0.0, "AdamW weight decay", "training")
+    max_grad_norm: float | None = setting(1.0, "clip gradients to this norm (0 turns clipping off)", "training")
+    max_length: int = setting(64, "tokens per example", "training")
+    max_train_examples: int | None = setting(None, "cap the training split (a fixed stratified subset) before "
+                                                   "--fraction", "training")
+    max_eval_examples: int | None = setting(None, "cap the validation and test splits (fixed subsets)", "training")
+    eval_batch_size: int = setting(64, "batch size for evaluation", "training")
+    mixed_precision: str = setting("no", "autocast precision", "training", ("no", "bf16", "fp16"))
+    text_column: str = setting("text", "your data's text (or question) column", "your data")
+    label_column: str = setting("label", "your data's label column", "your data")
+    choices_column: str | None = setting(None, "your data's choices column: makes the task multiple choice", "your data")
+    adapter: dict = field(default_factory=dict, metadata={"help": "AdapterConfig options"})
+
+    def validate(self) -> None:
+        positive = ("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_steps", "max_train_examples", "max_eval_examples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction!r}")
+        if not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1:
+            raise ValueError(f"lr must be a number in (0, 1), got {self.lr!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        if self.method == FULL:
+            if self.adapter:
+                raise ValueError(f"method 'full' (full fine-tuning) takes no adapter options, got {sorted(self.adapter)}")
+        else:
+            self.adapter_config(head=None)  # adapter options are checked by AdapterConfig
+
+    def adapter_config(self, head: str | None) -> AdapterConfig:
+        options = dict(self.adapter)
+        if head is not None and "modules_to_save" not in options:
+            options["modules_to_save"] = [head]  # the new classification head trains in full
+        return AdapterConfig(method=self.method, **options)
+
+    def output_dir(self) -> Path:
+        if self.output:
+            return Path(self.output)
+        name = f"{Path(self.dataset).stem}-{Path(self.model).name}-{self.method}-f{self.fraction:g}-s{self.seed}"
+        return Path("runs") / name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line setting: its name, value type (int, float, str, bool = a switch, list = one or
+    more values), default, help and choices, read from the field or option that defines it."""
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+    choices: tuple | None
+    group: str
+
+
+def _kind(hint) -> type:
+    """The command-line kind of a field's type: bool, int, float, str, or list (one or more values)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    if any(typing.get_origin(a) is list or a is list for a in args):
+        return list
+    return args[0] if args[0] in (bool, int, float, str) else str
+
+
+def train_flags() -> dict[str, Flag]:
+    hints = typing.get_type_hints(TrainSettings)
+    return {f.name: Flag(f.name, _kind(hints[f.name]), f.default, f.metadata["help"], f.metadata.get("choices"),
+                         f.metadata["group"])
+            for f in dataclasses.fields(TrainSettings) if f.name != "adapter"}
+
+
+def adapter_flags() -> dict[str, Flag]:
+    """AdapterConfig's shared fields (but `method`, a run setting) and every method's own options."""
+    hints = typing.get_type_hints(AdapterConfig)
+    fields = {f.name: f for f in dataclasses.fields(AdapterConfig)}
+    flags = {name: Flag(name, _kind(hints[name]), fields[name].default, fields[name].metadata["help"], None, "adapter")
+             for name in ADAPTER_FIELDS if name != "method"}
+    for name, (owner, option) in method_options().items():
+        flags[name] = Flag(name, option.type, option.default, f"{owner}: {option.help}", option.choices, "adapter")
+    return flags
+
+
+REGEX_CHARS = set("*?[]()|\\^$+")
+
+
+def _target_value(value):
+    if isinstance(value, list) and len(value) == 1 and (value[0] == "all-linear" or REGEX_CHARS & set(value[0])):
+        return value[0]  # "all-linear" or a regex, not a suffix list
+    return value
+
+
+def read_settings_file(path: str) -> dict:
+    """Settings from a TOML, YAML or JSON file: the same names as the flags, with underscores."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix == ".toml":
+            import tomllib
+            data = tomllib.loads(text)
+        elif file.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ValueError("YAML config files need PyYAML: pip install pyyaml (or use .toml / .json)") from None
+            data = yaml.safe_load(text)
+        elif file.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ValueError(f"config file {path} must end in .toml, .yaml, .yml or .json")
+    except ValueError as e:  # JSONDecodeError, TOMLDecodeError and yaml's errors are ValueErrors or wrapped here
+        raise ValueError(f"config file {path} does not parse: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # yaml.YAMLError is not a ValueError
+        raise ValueError(f"config file {path} does not parse: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a table / mapping of settings")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def settings_from(values: dict) -> TrainSettings:
+    """TrainSettings from flat option values (flags and config file alike); unknown names are refused."""
+    train, adapter = train_flags(), adapter_flags()
+    known = set(train) | set(adapter)
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            raise ValueError(f"unknown setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    run = {k: v for k, v in values.items() if k in train}
+    options = {k: v for k, v in values.items() if k in adapter}
+    if "target_modules" in options:
+        options["target_modules"] = _target_value(options["target_modules"])
+    for key, value in run.items():
+        kind = train[key].kind
+        if value is not None and kind in (int, str, bool) and not (type(value) is kind):
+            raise ValueError(f"setting {key!r} must be {kind.__name__}, got {value!r}")
+        if kind is float and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"setting {key!r} must be a number, got {value!r}")
+    settings = TrainSettings(**run, adapter=options)
+    settings.validate()
+    return settings
