@@ -1,4 +1,4 @@
-"""`replora bench`: training-step time, peak memory and inference latency against Hugging Face PEFT,
+"""`python -m research bench`: training-step time, peak memory and inference latency against Hugging Face PEFT,
 measured side by side in one process: the contenders are built once from the same base weights and run
 on the same batch, sequence length, seed and thread count. Each contender is timed right beside its
 reference (PEFT LoRA; PEFT DoRA for replora's DoRA; the bare model or PEFT's unmerged adapter for
@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 import replora
+from replora.methods import METHODS
+from replora.saving import write_folder
 
-from .io import write_folder
-
-REPLORA_METHODS = ("lora", "dora", "moslora", "replora")
+REPLORA_METHODS = tuple(METHODS)  # every registered method is benchmarked
 
 
 @dataclass
@@ -129,9 +129,10 @@ def _summary(pairs: list[tuple[float, float]], reference: str) -> dict:
             "ratio": {"median": statistics.median(per_round), "q1": q[0], "q3": q[2], "rounds": len(per_round)}}
 
 
-# Each contender's reference; a reference paired with itself is the control (the noise floor).
-TRAIN_REFERENCES = {"peft-lora": "peft-lora", "peft-dora": "peft-lora", "replora-lora": "peft-lora",
-                    "replora-dora": "peft-dora", "replora-moslora": "peft-lora", "replora-replora": "peft-lora"}
+# Each contender's reference; a reference paired with itself is the control (the noise floor). replora's
+# DoRA is timed against PEFT's DoRA, every other replora method against PEFT's LoRA.
+TRAIN_REFERENCES = {"peft-lora": "peft-lora", "peft-dora": "peft-lora",
+                    **{f"replora-{m}": "peft-dora" if m == "dora" else "peft-lora" for m in REPLORA_METHODS}}
 INFER_REFERENCES = {"base": "base", "peft-lora-unmerged": "base", "replora-lora-merged": "base",
                     "replora-replora-merged": "base", "replora-lora-unmerged": "peft-lora-unmerged",
                     "replora-replora-unmerged": "peft-lora-unmerged"}
@@ -151,7 +152,7 @@ def _paired_rounds(run: dict, references: dict, rounds: int, device, repeat: int
 
 
 def bench_model(model_name: str, s: BenchSettings, device, log=print) -> dict:
-    from .models import load_model
+    from replora.training import load_model
 
     torch.manual_seed(s.seed)
     base, _ = load_model(model_name, num_labels=2)
@@ -203,7 +204,7 @@ def run_bench(s: BenchSettings, root: Path, log=print) -> str:
         results["models"].append(bench_model(name, s, device, log))
     report = _report(results)
 
-    def publish(folder: Path) -> None:  # each file replaced whole (io.write_folder)
+    def publish(folder: Path) -> None:  # each file replaced whole (replora.saving.write_folder)
         (folder / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
         (folder / "bench.md").write_text(report)
         _plot(results, folder / "bench.png")

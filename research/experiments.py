@@ -1,4 +1,4 @@
-"""`replora experiment ...`: the papers' claims as grids of real training runs.
+"""`python -m research sample-efficiency | ablations`: the papers' claims as grids of real training runs.
 
 Every run is an ordinary `train()` run in its own folder under `<grid folder>/runs`, named by its
 settings and shared by the experiments of that grid (RepLoRA's default runs serve both the sample-efficiency
@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import write_csv, write_folder
-from .train import FULL, TrainSettings, train
+from replora.methods import METHODS
+from replora.saving import write_folder
+from replora.training import FULL, TrainSettings, train
+
+from .reports import fmt, mean_std, paired, write_csv
 
 
 @dataclass
@@ -39,18 +41,16 @@ ADAPTER_LRS = (1e-3, 3e-3)
 GRIDS = {
     # Sized to finish in about two hours on 2 CPU cores: a 3,000-snippet training cap (stratified, the
     # same for every run), 1,000 validation / 1,000 test snippets, 48 tokens, 3 epochs.
+    # Every registered adapter method (replora.methods.METHODS), then full fine-tuning.
     "minilm-rt": Grid(model="minilm", dataset="rotten_tomatoes",
-                      methods=("lora", "dora", "moslora", "replora", FULL), fractions=(0.1, 0.3, 0.5, 1.0),
-                      seeds=(0, 1, 2), lrs={"lora": ADAPTER_LRS, "dora": ADAPTER_LRS, "moslora": ADAPTER_LRS,
-                                           "replora": ADAPTER_LRS, FULL: (3e-5, 1e-4)},
+                      methods=(*METHODS, FULL), fractions=(0.1, 0.3, 0.5, 1.0),
+                      seeds=(0, 1, 2), lrs={**{m: ADAPTER_LRS for m in METHODS}, FULL: (3e-5, 1e-4)},
                       epochs=3, max_train_examples=3000, max_eval_examples=1000, max_length=48),
     # SmolLM2-135M on social_iqa (3 choices: 3 sequences per question): about 10 minutes a run at f = 1 on
     # 2 CPU cores with a 600-question training cap, 195 validation / 300 test questions, 64 tokens, 2 epochs;
     # two fractions and no full fine-tuning line keep the 28 runs near 3.5 hours.
-    "smollm2-siqa": Grid(model="smollm2", dataset="social_iqa", methods=("lora", "dora", "moslora", "replora"),
-                         fractions=(0.3, 1.0), seeds=(0, 1, 2),
-                         lrs={"lora": ADAPTER_LRS, "dora": ADAPTER_LRS, "moslora": ADAPTER_LRS,
-                              "replora": ADAPTER_LRS},
+    "smollm2-siqa": Grid(model="smollm2", dataset="social_iqa", methods=tuple(METHODS),
+                         fractions=(0.3, 1.0), seeds=(0, 1, 2), lrs={m: ADAPTER_LRS for m in METHODS},
                          epochs=2, max_train_examples=600, max_eval_examples=300, max_length=64, batch_size=16),
 }
 
@@ -99,26 +99,6 @@ def _row(m: dict, variant: str = "") -> dict:
             "validation_accuracy": round(m["validation_accuracy"], 5), "test_accuracy": round(m["test_accuracy"], 5),
             "trainable_parameters": m["trainable_parameters"], "train_examples": m["train_examples"],
             "seconds": round(m["wall_time_seconds"], 1)}
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def fmt(values: list[float]) -> str:
-    mean, std = mean_std(values)
-    return f"{100 * mean:.1f} ± {100 * std:.1f}"
-
-
-def paired(a: list[float], b: list[float], short: bool = False) -> str:
-    """a - b over seeds: mean ± std of the differences, wins, and (unless short) the paired t statistic."""
-    diffs = [x - y for x, y in zip(a, b)]
-    mean, std = mean_std(diffs)
-    wins = f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
-    if short:
-        return f"{100 * mean:+.1f} ± {100 * std:.1f} ({wins})"
-    t = f"t = {mean / (std / math.sqrt(len(diffs))):.2f}" if std > 0 else "t undefined (no spread)"
-    return f"{100 * mean:+.1f} ± {100 * std:.1f} pts, {wins} seeds better, {t}"
 
 
 def claim_2_verdict(rep30: list[float], lora100: list[float]) -> str:

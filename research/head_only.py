@@ -3,10 +3,11 @@
 For each run folder given, scores the test questions the run was scored on twice: as trained, and with
 the adapter's update switched off while the trained score head stays. Also reports the adapter's
 size, ||s B A||_F / ||W0||_F averaged over the adapted layers (DoRA: its merged change).
-Needs the run's adapter/ folder, which `replora experiment sample-efficiency` keeps beside metrics.json;
-adapters are not committed, so in a fresh clone run the grid into a new folder (`--runs <folder>`). Usage:
+Needs the run's adapter/ folder, which `python -m research sample-efficiency` keeps beside metrics.json;
+adapters are not committed, so in a fresh clone run the grid into a new folder (`--runs <folder>`). Usage,
+from the repository root:
 
-    python results/smollm2-siqa/head_only.py results/smollm2-siqa/runs/lora-lr0.001-f*-s* > head_only.md
+    python research/head_only.py research/results/smollm2-siqa/runs/lora-lr0.001-f*-s* > head_only.md
 """
 import json
 import sys
@@ -15,10 +16,10 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from replora import load_adapter
-from replora.data import load_task
 from replora.model import adapted_layers
-from replora.models import load_model
-from replora.train import Collator, _cap, _loader, evaluate
+from replora.training import load_model, load_task
+from replora.training.data import capped
+from replora.training.loop import Collator, evaluate, make_loader
 
 
 def relative_update(model) -> float:
@@ -38,8 +39,8 @@ def main(folders: list[str]) -> None:
         task = load_task(s["dataset"], s["text_column"], s["label_column"], s["choices_column"])
         model, tokenizer = load_model(s["model"], task.num_labels)
         load_adapter(model, folder / "adapter")
-        loader = _loader(_cap(task.test, s["max_eval_examples"]),
-                         Collator(tokenizer, task.kind, s["max_length"]), s["eval_batch_size"], None)
+        loader = make_loader(capped(task.test, s["max_eval_examples"]),
+                             Collator(tokenizer, task.kind, s["max_length"]), s["eval_batch_size"], None)
         trained = evaluate(model, loader, accelerator)
         layers = adapted_layers(model).values()
         for layer in layers:  # the adapter's update off; the saved score head keeps its trained weights

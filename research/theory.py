@@ -1,13 +1,13 @@
-"""`replora experiment theory`: the estimation-rate claim (seed 001) in a simulation of attention as a
+"""`python -m research theory`: the estimation-rate claim (seed 001) in a simulation of attention as a
 mixture of experts, small enough for a CPU.
 
-Setting (written out in the README): one attention head over sequences X = (x_1..x_N), x_j in R^d,
+Setting (written out in research/README.md): one attention head over sequences X = (x_1..x_N), x_j in R^d,
     experts    f_j(X)  = (W_V + B_V A_V)^T x_j
     scores     s_ij(X) = x_i^T (W_Q + B_Q A_Q) W_K^T x_j / sqrt(d)
     output     y_i     = sum_j softmax_j(s_ij) f_j(X) + noise,   noise ~ N(0, sigma^2 I)
 W_Q, W_K, W_V are fixed "pretrained" weights; the true updates B_Q A_Q and B_V A_V have rank r. From
 n noisy samples we fit (a) LoRA: A_Q, B_Q, A_V, B_V free; (b) RepLoRA: [A_Q, A_V] = g_A(diag(a)),
-[B_Q, B_V] = g_B(diag(b)) with shared tanh MLPs (METHODS.md), both by full-batch L-BFGS on the mean
+[B_Q, B_V] = g_B(diag(b)) with shared tanh MLPs (docs/methods.md), both by full-batch L-BFGS on the mean
 squared error from several initializations (the best training loss is kept), and measure the
 estimation error of the updates, ||dQ_hat - dQ||_F + ||dV_hat - dV||_F.
 """
@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from .io import write_csv, write_folder
+from replora.saving import write_folder
+
+from .reports import write_csv
 
 
 @dataclass
@@ -142,7 +144,7 @@ def run_theory(s: TheorySettings, root: Path) -> str:
         lines.append(f"| {n} | {med['lora'][len(med['lora']) // 2]:.4f} | {med['replora'][len(med['replora']) // 2]:.4f} |")
     report = "\n".join(lines) + "\n"
 
-    def publish(folder: Path) -> None:  # each file replaced whole (io.write_folder)
+    def publish(folder: Path) -> None:  # each file replaced whole (replora.saving.write_folder)
         write_csv(folder / "theory.csv", rows)
         (folder / "theory.md").write_text(report)
         _plot(rows, slopes, s, folder / "theory.png")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
                           LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, ViTConfig,
                           ViTForImageClassification)
@@ -32,6 +33,8 @@ class TinyModel:
 
     def inputs(self, seed: int = 1, batch: int = 3):
         g = torch.Generator().manual_seed(seed)
+        if self.name in PLAIN_MODELS:
+            return {"input": torch.randn(batch, 5, 12, generator=g)}
         if self.name == "vit":
             return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
         ids = torch.randint(1, 100, (batch, 9), generator=g)
@@ -63,12 +66,51 @@ def _vit():
         intermediate_size=96, num_labels=3))
 
 
+class Block(nn.Module):
+    """A plain PyTorch attention-like block: query / value projections and an MLP, no transformers."""
+
+    def __init__(self, width: int = 12):
+        super().__init__()
+        self.q, self.v = nn.Linear(width, width), nn.Linear(width, 8)
+        self.out = nn.Linear(8, width, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, x):
+        x = x + self.out(self.v(x) * torch.sigmoid(self.q(x)).mean(-1, keepdim=True))
+        return x + self.mlp(x)
+
+
+class PlainNet(nn.Module):
+    """A plain nn.Module with blocks in a ModuleList (RepLoRA groups each block's q and v)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, input):
+        for block in self.blocks:
+            input = block(input)
+        return self.head(input)
+
+
+def _sequential():
+    # Blocks that are themselves nn.Sequential: nothing may be added to them (it would run).
+    return nn.Sequential(*[nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 12)) for _ in range(2)],
+                         nn.Linear(12, 3))
+
+
+PLAIN_MODELS = ("sequential", "plain")
+
 TINY_MODELS = {
     "bert": TinyModel("bert", _bert, None, ["classifier"]),
     "llama": TinyModel("llama", _llama, None, None),
     # GPT-2's Conv1D layers, three per block: attn.c_attn (fused qkv), attn.c_proj, mlp.c_proj.
     "gpt2": TinyModel("gpt2", _gpt2, ["c_attn", "c_proj"], None),
     "vit": TinyModel("vit", _vit, None, ["classifier"]),
+    # Plain PyTorch: every method must work there too (nothing but adapted layers enters the model).
+    "sequential": TinyModel("sequential", _sequential, r"\d\.[02]", None),
+    "plain": TinyModel("plain", PlainNet, None, ["head"]),
 }
 
 # Every method, and every option of every method, at least once.
@@ -94,9 +136,14 @@ def make_config(tiny: TinyModel, variant: str, **overrides) -> replora.AdapterCo
     return replora.AdapterConfig(**options)
 
 
+def logits(output) -> torch.Tensor:
+    """transformers models return an output object, plain PyTorch models the tensor itself."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
 def outputs(model, inputs):
     with torch.no_grad():
-        return model(**inputs).logits
+        return logits(model(**inputs))
 
 
 def train_steps(model, tiny: TinyModel, steps: int = 3, lr: float = 1e-2):
@@ -104,7 +151,7 @@ def train_steps(model, tiny: TinyModel, steps: int = 3, lr: float = 1e-2):
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     for step in range(steps):
-        loss = model(**tiny.inputs(seed=100 + step)).logits.float().pow(2).mean()
+        loss = logits(model(**tiny.inputs(seed=100 + step))).float().pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

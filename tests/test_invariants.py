@@ -9,7 +9,7 @@ import torch
 import replora
 from replora.layer import AdaptedLayer
 
-from conftest import make_config, outputs, train_steps
+from conftest import logits, make_config, outputs, train_steps
 
 TIGHT = dict(atol=1e-5, rtol=1e-5)
 
@@ -77,7 +77,7 @@ def test_only_adapter_parameters_train_and_all_get_gradients(tiny, variant):
         assert any("lora_A_seed" in k for k in kinds) and any("lora_B_generator.head" in k for k in kinds)
     model.train()
     model.zero_grad()
-    model(**tiny.inputs(seed=7)).logits.pow(2).mean().backward()
+    logits(model(**tiny.inputs(seed=7))).pow(2).mean().backward()
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
@@ -88,7 +88,7 @@ def _target_shapes(model):
 
 
 def _block(name):
-    match = re.match(r"^(.*\.\d+)\.", name)
+    match = re.match(r"^((?:.*\.)?\d+)\.", name)  # up to the last numeric component: "0.2" is in block "0"
     return match.group(1) if match else None
 
 
@@ -137,6 +137,8 @@ def test_trainable_parameter_count_matches_formula(tiny, variant):
     extra = sum(p.numel() for m in (tiny.modules_to_save or []) for p in model.get_submodule(m).original_module.parameters())
     trainable, total = replora.count_parameters(model)
     assert trainable == expected_trainable_count(config, _target_shapes(model), extra)
+    # The method's own formula (the registry's, which a new method brings) agrees.
+    assert trainable == replora.METHODS[config.method].parameter_count(config, _target_shapes(model)) + extra
     # modules_to_save train a copy; the frozen original stays in the model.
     assert total == sum(p.numel() for p in tiny.build().parameters()) + trainable
 

@@ -73,6 +73,7 @@ def test_learning_rate_grids_are_checked(tmp_path, capsys):
     assert err == "research: error: grid smollm2-siqa has no learning rates for ['full']: give them, e.g. --lrs full=1e-3\n"
 
 
+@pytest.mark.slow
 def test_ablations_run_end_to_end_and_resume(tmp_path, tiny_folders):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(60))
     args = ["ablations", "--model", tiny_folders["bert"], "--dataset", str(data), "--seeds", "0",
@@ -99,6 +100,7 @@ def test_theory_simulation_runs_end_to_end(tmp_path):
     assert (tmp_path / "th" / "theory.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_bench_runs_on_a_tiny_model_in_seconds(tmp_path, tiny_folders):
     args = ["bench", "--models", tiny_folders["bert"], "--ranks", "4", "--rounds", "2", "--steps", "1",
             "--batch-size", "2", "--seq-len", "8", "--min-time", "0.01", "--output", str(tmp_path / "b")]

@@ -1,0 +1,164 @@
+"""`python -m research <command>`, from the repository root: the experiment grids (`sample-efficiency`,
+`ablations`), the estimation-rate simulation (`theory`) and the benchmark against PEFT (`bench`)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from replora.methods import METHODS
+from replora.training import FULL
+
+RESULTS = Path(__file__).parent / "results"  # the default output folders, wherever the command runs from
+GRID_NAMES = ("minilm-rt", "smollm2-siqa")
+
+
+def parse_lrs(values: list[str], methods: tuple[str, ...], defaults: dict) -> dict[str, tuple[float, ...]]:
+    """`--lrs 1e-3 3e-3`: the validation grid of every method; `--lrs lora=3e-3` (repeatable): one method's
+    grid, the others keep the grid's own."""
+    shared, per_method = [], {}
+    for value in values:
+        method, _, lr = value.rpartition("=")
+        try:
+            number = float(lr)
+        except ValueError:
+            raise ValueError(f"--lrs {value!r}: give a learning rate (3e-3) or method=rate (lora=3e-3)") from None
+        if method and method not in methods:
+            raise ValueError(f"--lrs {value!r}: {method!r} is not among this grid's methods {list(methods)}")
+        (per_method.setdefault(method, []) if method else shared).append(number)
+    return {m: tuple(per_method.get(m) or shared or defaults.get(m, ())) for m in methods}
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    """sample-efficiency and ablations: a grid of training runs, resumable."""
+    from . import experiments
+
+    grid = experiments.GRIDS[args.grid]
+    overrides = {k: v for k, v in {
+        "model": args.model, "dataset": args.dataset, "epochs": args.epochs,
+        "max_train_examples": args.max_train_examples, "max_eval_examples": args.max_eval_examples,
+        "methods": tuple(args.methods) if args.methods else None,
+        "fractions": tuple(args.fractions) if args.fractions else None,
+        "seeds": tuple(args.seeds) if args.seeds else None}.items() if v is not None}
+    if args.lrs:
+        overrides["lrs"] = parse_lrs(args.lrs, overrides.get("methods", grid.methods), grid.lrs)
+    grid = dataclasses.replace(grid, **overrides)
+    if missing := [m for m in grid.methods if not grid.lrs.get(m)]:
+        raise ValueError(f"grid {args.grid} has no learning rates for {missing}: give them, e.g. --lrs {missing[0]}=1e-3")
+    root = Path(args.output) if args.output else RESULTS / args.grid  # the experiments of a grid share its runs
+    runs = Path(args.runs) if args.runs else None
+    if args.command == "sample-efficiency":
+        print(experiments.sample_efficiency(grid, root, runs))
+    else:
+        print(experiments.ablations(grid, root, runs=runs))
+    print(f"results in {root}")
+    return 0
+
+
+def cmd_theory(args: argparse.Namespace) -> int:
+    from .theory import TheorySettings, run_theory
+
+    overrides = {k: v for k, v in {"ns": tuple(args.ns) if args.ns else None, "repetitions": args.repetitions,
+                                   "inits": args.inits, "lbfgs_steps": args.lbfgs_steps}.items() if v is not None}
+    root = Path(args.output) if args.output else RESULTS / "theory"
+    print(run_theory(TheorySettings(**overrides), root))
+    print(f"results in {root}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchSettings, run_bench
+
+    overrides = {k: v for k, v in {"models": tuple(args.models) if args.models else None,
+                                   "ranks": tuple(args.ranks) if args.ranks else None, "rounds": args.rounds,
+                                   "steps": args.steps, "batch_size": args.batch_size,
+                                   "seq_len": args.seq_len, "min_time": args.min_time}.items() if v is not None}
+    root = Path(args.output) if args.output else RESULTS / "bench"
+    print(run_bench(BenchSettings(**overrides), root))
+    print(f"results in {root}")
+    return 0
+
+
+def _grid_parser(sub, name: str, help_text: str, description: str) -> None:
+    p = sub.add_parser(name, help=help_text, description=description)
+    p.add_argument("--grid", default="minilm-rt", choices=GRID_NAMES,
+                   help="model, data and budget (default minilm-rt: MiniLM on Rotten Tomatoes)")
+    p.add_argument("--output", help="results folder (default research/results/<grid>, shared by the grid's "
+                                    "experiments); rerun to resume")
+    for flag, kind in [("--model", str), ("--dataset", str), ("--epochs", int), ("--max-train-examples", int),
+                       ("--max-eval-examples", int)]:
+        p.add_argument(flag, type=kind, help="override the grid's setting")
+    p.add_argument("--methods", nargs="+", choices=(*METHODS, FULL), help="override the grid's methods")
+    p.add_argument("--fractions", nargs="+", type=float, help="override the grid's training fractions")
+    p.add_argument("--seeds", nargs="+", type=int, help="override the grid's seeds")
+    p.add_argument("--lrs", nargs="+", help="learning-rate grid picked from on validation: for every method "
+                   "(1e-3 3e-3), or for one (lora=3e-3; repeat for several)")
+    p.add_argument("--runs", help="runs folder (default <output>/runs): point a variant of a grid at the grid's "
+                   "runs to reuse them")
+    p.set_defaults(func=cmd_grid)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="research", description="Reproduce the papers' claims with replora: "
+                                     "grids of real training runs (resumable), the estimation-rate simulation, "
+                                     "and the benchmark against Hugging Face PEFT. Run from the repository root.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _grid_parser(sub, "sample-efficiency", "methods x training fractions x seeds, each method at its learning "
+                 "rate picked on validation", "Every method x training fraction x seed of a grid; writes "
+                 "sample_efficiency.csv / .md / .png. Finished runs are skipped, interrupted ones resume.")
+    _grid_parser(sub, "ablations", "RepLoRA's options, one change at a time from the default",
+                 "RepLoRA's options one at a time at fraction 1, every seed; writes ablations.csv / .md. "
+                 "Finished runs are skipped, interrupted ones resume.")
+
+    theory = sub.add_parser("theory", help="the estimation-rate simulation (attention as a mixture of experts)",
+                            description="LoRA and RepLoRA fitted to an attention head read as a mixture of "
+                                        "experts, over a log grid of sample sizes; writes theory.csv / .md / .png.")
+    theory.add_argument("--output", help="results folder (default research/results/theory)")
+    theory.add_argument("--ns", nargs="+", type=int, help="sample sizes (default 1e2 to 1e5, log grid)")
+    theory.add_argument("--repetitions", type=int, help="repetitions per sample size (default 3)")
+    theory.add_argument("--inits", type=int, help="initializations per fit (default 2)")
+    theory.add_argument("--lbfgs-steps", type=int, help="L-BFGS iterations per fit (default 150)")
+    theory.set_defaults(func=cmd_theory)
+
+    bench = sub.add_parser("bench", help="training and inference speed and memory against Hugging Face PEFT",
+                           description="Every replora method against PEFT LoRA / DoRA, timed back to back in one "
+                                       "process; writes bench.json / .md / .png.")
+    bench.add_argument("--models", nargs="+", help="models to measure (default minilm smollm2; any --model value)")
+    bench.add_argument("--ranks", nargs="+", type=int, help="adapter ranks (default 8 16 64)")
+    bench.add_argument("--rounds", type=int, help="rounds of back-to-back pairs (default 15)")
+    bench.add_argument("--steps", type=int, help="timed steps per contender per round, at least (default 2)")
+    bench.add_argument("--batch-size", type=int, help="batch size (default 4)")
+    bench.add_argument("--seq-len", type=int, help="tokens per example (default 32)")
+    bench.add_argument("--min-time", type=float, help="seconds each timing spans at least (default 0.2)")
+    bench.add_argument("--output", help="folder for bench.json, bench.md, bench.png (default research/results/bench)")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from replora.training import TrainingDiverged
+
+    args = build_parser().parse_args(argv)
+    logger = logging.getLogger("replora")  # the training runs' progress lines
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("replora: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        return args.func(args)
+    except TrainingDiverged as e:
+        print(f"research: stopped: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"research: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("research: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
