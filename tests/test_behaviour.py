@@ -250,3 +250,32 @@ def test_dora_unmerge_restores_rows_whose_magnitude_is_zero(name):
     replora.unmerge(model)
     for m, w in zip(layers, before):
         assert torch.allclose(m.base_weight(), w, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, depth", [("llama", 2), ("bert", 3), ("plain", 1)])
+def test_a_blocks_adapter_parameters_live_inside_the_block(name, depth):
+    """Wrapping one block (FSDP, activation checkpointing) must take every parameter its targets' factors
+    depend on: checked by gradients, not by names."""
+    tiny = TINY_MODELS[name]
+    model = replora.inject(tiny.build(), make_config(tiny, "replora"))
+    blocks = {}
+    for path, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLayer)):
+        block = path.rsplit(".", depth)[0]  # model.layers.0 / bert.encoder.layer.0 / blocks.0
+        blocks.setdefault(block, []).append(layer)
+    assert len(blocks) == 2
+    for block, layers in blocks.items():
+        model.zero_grad()
+        sum(sum(t.pow(2).sum() + t.sum() for t in layer.lora["default"].factors()) for layer in layers).backward()
+        used = {id(p) for p in model.parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        inside = {id(p) for p in model.get_submodule(block).parameters()}
+        assert used and used <= inside, f"{block} uses parameters held outside it"
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "moslora"])
+def test_nothing_but_adapted_layers_enters_the_model(method):
+    model = replora.inject(BERT.build(), make_config(BERT, method))
+    new_keys = set(model.state_dict()) - set(BERT.build().state_dict())
+    wrapped = (".lora.default.", ".base_layer.", ".copies.default.", ".original_module.")
+    assert new_keys and all(any(w in k for w in wrapped) for k in new_keys), sorted(new_keys)[:5]
+    assert {n.rsplit(".", 1)[-1] for n, _ in model.named_children()} == {n for n, _ in BERT.build().named_children()}
+    assert not any(n.endswith("lora_shared") for n, _ in model.named_modules())
