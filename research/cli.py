@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 from pathlib import Path
 
 from replora.methods import METHODS
 from replora.training import FULL
+from replora.training.cli import run_command
 
 RESULTS = Path(__file__).parent / "results"  # the default output folders, wherever the command runs from
 GRID_NAMES = ("minilm-rt", "smollm2-siqa")
@@ -138,26 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from replora.training import TrainingDiverged
-
-    args = build_parser().parse_args(argv)
-    logger = logging.getLogger("replora")  # the training runs' progress lines
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("replora: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-    try:
-        return args.func(args)
-    except TrainingDiverged as e:
-        print(f"research: stopped: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-        print(f"research: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("research: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    return run_command(build_parser().parse_args(argv), prog="research", resume_hint="rerun the same command to resume")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_killed_while_writing_a_checkpoint_keeps_the_last_one_and_resumes(tmp_path, tiny_folders):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(120))
     common = ["train", "--model", tiny_folders["bert"], "--dataset", str(data), "--method", "replora",

@@ -93,7 +93,7 @@ def _block(name):
 
 
 def expected_trainable_count(config, shapes, extra):
-    """METHODS.md's formulas, written out independently of the library."""
+    """docs/methods.md's formulas, written out independently of the library."""
     r = config.r
     h = config.replora_hidden_size or r
     if config.method != "replora":

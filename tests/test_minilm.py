@@ -8,7 +8,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import replora
 from replora.training.pretrained import minilm_path
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # the packaged pretrained models
 
 SENTENCES = ["A gripping, beautifully acted film that earns every one of its tears.",
              "Dull, overlong and instantly forgettable.",

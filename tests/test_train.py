@@ -157,6 +157,7 @@ def test_multiple_choice_trains_on_encoder_and_decoder(tmp_path, tiny_folders, m
     assert 0 <= metrics["test_accuracy"] <= 1 and metrics["steps"] == 6
 
 
+@pytest.mark.slow
 def test_two_processes_end_with_the_same_adapter_as_one(tmp_path, tiny_folders):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(80))  # 64 train rows: 4 full batches of 16
     common = ["train", "--model", tiny_folders["bert"], "--dataset", str(data), "--method", "replora",
@@ -180,6 +181,7 @@ def test_two_processes_end_with_the_same_adapter_as_one(tmp_path, tiny_folders):
     assert metrics["one"]["test_accuracy"] == metrics["two"]["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_folders):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(400))
     common = ["train", "--model", tiny_folders["bert"], "--dataset", str(data), "--method", "dora",

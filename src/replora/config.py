@@ -34,7 +34,8 @@ class AdapterConfig:
         "attention query and value projections)"))
     use_rslora: bool = field(default=False, metadata=_help("scale by alpha / sqrt(r) instead of alpha / r"))
     modules_to_save: list[str] | None = field(default=None, metadata=_help(
-        "modules trained in full and saved with the adapter (e.g. classifier)"))
+        "modules trained in full and saved with the adapter, e.g. classifier (replora train: default the "
+        "task's new head)"))
     # The options of `method` (all of them, defaults filled in); other methods' options are refused.
     method_options: dict[str, Any] = field(default_factory=dict)
 

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from ..config import AdapterConfig
-    from ..layer import AdaptedLayer
+# Annotations name AdapterConfig (config.py) and AdaptedLayer (layer.py) without importing them: both
+# import this package, and methods need nothing from them but attributes.
 
 
 @dataclass(frozen=True)

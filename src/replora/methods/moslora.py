@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Option, like
-from .lora import LoRA, lora_A_init_
+from .base import Option, like, lora_A_init_
+from .lora import LoRA
 
 
 class MoSLoRA(LoRA):

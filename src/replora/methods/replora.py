@@ -16,16 +16,12 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import Method, Option, like, lora_A_init_
-
-if TYPE_CHECKING:
-    from ..config import AdapterConfig
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 

@@ -132,12 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(args: argparse.Namespace, prog: str = "replora", resume_hint: str = "continue with --resume") -> int:
+    """Run a parsed command with training's progress lines shown, and every expected failure as one
+    line and an exit code: 2 for bad input, 1 for a diverged run, 130 for Ctrl-C. (research/ uses it too.)"""
     import logging
 
     from .loop import TrainingDiverged
 
-    args = build_parser().parse_args(argv)
     logger = logging.getLogger("replora")
     if not logger.handlers:
         handler = logging.StreamHandler()
@@ -147,14 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except TrainingDiverged as e:
-        print(f"replora: stopped: {e}", file=sys.stderr)
+        print(f"{prog}: stopped: {e}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-        print(f"replora: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("replora: interrupted; continue with --resume", file=sys.stderr)
+        print(f"{prog}: interrupted; {resume_hint}", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
