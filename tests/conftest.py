@@ -113,7 +113,8 @@ TINY_MODELS = {
     "plain": TinyModel("plain", PlainNet, None, ["head"]),
 }
 
-# Every method, and every option of every method, at least once.
+# Every method, and every option of every method, at least once: a few chosen combinations, then a row
+# for every registered method and option value they leave out (a new method gets its rows here).
 METHOD_VARIANTS = {
     "lora": dict(method="lora"),
     "lora-rslora-dropout": dict(method="lora", use_rslora=True, lora_dropout=0.1, r=4, lora_alpha=8),
@@ -128,6 +129,15 @@ METHOD_VARIANTS = {
     "replora-nosharing": dict(method="replora", replora_sharing="none"),
     "replora-modelsharing": dict(method="replora", replora_sharing="model", lora_dropout=0.1),
 }
+
+
+for _name, _method in replora.METHODS.items():
+    if not any(v["method"] == _name for v in METHOD_VARIANTS.values()):
+        METHOD_VARIANTS[_name] = dict(method=_name)
+    for _option, _spec in _method.options.items():
+        for _value in _spec.choices or ():
+            if not any(v.get(_option, _spec.default) == _value for v in METHOD_VARIANTS.values() if v["method"] == _name):
+                METHOD_VARIANTS[f"{_name}-{_option}-{_value}"] = {"method": _name, _option: _value}
 
 
 def make_config(tiny: TinyModel, variant: str, **overrides) -> replora.AdapterConfig:

@@ -18,8 +18,9 @@ from ..methods import METHODS, method_options
 FULL = "full"  # full fine-tuning, the reference line of the experiments: no adapter, every weight trains
 
 
-def setting(default: Any, help: str, group: str, choices: tuple | None = None, **kwargs):
-    """A field with its help text, its group in `replora train --help` and its choices."""
+def setting(default: Any, help: str, group: str, choices=None, **kwargs):
+    """A field with its help text, its group in `replora train --help` and its choices (a tuple, or a
+    function giving one)."""
     return field(default=default, metadata={"help": help, "group": group, "choices": choices}, **kwargs)
 
 
@@ -32,7 +33,7 @@ class TrainSettings:
     dataset: str = setting("rotten_tomatoes", "rotten_tomatoes, social_iqa, strategyqa (multiple choice), a .csv / "
                                               ".jsonl file, a saved Hugging Face dataset folder, or hf:<hub id>", "run")
     method: str = setting("lora", f"adapter method; {FULL} = full fine-tuning, no adapter", "run",
-                          tuple(METHODS) + (FULL,))
+                          lambda: tuple(METHODS) + (FULL,))  # read when asked: methods registered later count
     fraction: float = setting(1.0, "train on this seeded, stratified fraction of the training split", "run")
     epochs: int = setting(2, "passes over the training data", "run")
     max_steps: int | None = setting(None, "stop after this many optimizer steps instead (overrides --epochs)", "run")
@@ -77,7 +78,7 @@ class TrainSettings:
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
+            choices = _choices(f)
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         if self.method == FULL:
@@ -115,6 +116,11 @@ class Flag:
     group: str
 
 
+def _choices(f: dataclasses.Field) -> tuple | None:
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices
+
+
 def _kind(hint) -> type:
     """The command-line kind of a field's type: bool, int, float, str, or list (one or more values)."""
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
@@ -125,8 +131,7 @@ def _kind(hint) -> type:
 
 def train_flags() -> dict[str, Flag]:
     hints = typing.get_type_hints(TrainSettings)
-    return {f.name: Flag(f.name, _kind(hints[f.name]), f.default, f.metadata["help"], f.metadata.get("choices"),
-                         f.metadata["group"])
+    return {f.name: Flag(f.name, _kind(hints[f.name]), f.default, f.metadata["help"], _choices(f), f.metadata["group"])
             for f in dataclasses.fields(TrainSettings) if f.name != "adapter"}
 
 
