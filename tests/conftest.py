@@ -199,6 +199,31 @@ def tiny_folders(tmp_path_factory):
     return folders
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}<assistant> {% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_folders(tmp_path_factory):
+    """Tiny LLaMA causal LMs with the MiniLM tokenizer ([SEP] as end of sequence): one whose tokenizer has a
+    chat template ("chat") and one without ("plain")."""
+    root = tmp_path_factory.mktemp("lms")
+    folders = {}
+    for name, template in [("chat", CHAT_TEMPLATE), ("plain", None)]:
+        tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+        tokenizer.eos_token = "[SEP]"
+        tokenizer.chat_template = template
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                             max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
+                                             pad_token_id=tokenizer.pad_token_id))
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        folders[name] = str(root / name)
+    return folders
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

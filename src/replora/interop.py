@@ -67,7 +67,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
             for pname, param in module.named_parameters():
                 tensors[f"{PEFT_PREFIX}{p}.{pname}"] = param
     peft_config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name(model),
+        "peft_type": "LORA", "task_type": peft_task_type(model), "base_model_name_or_path": base_model_name(model),
         "r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora, "use_dora": any(k.endswith("lora_magnitude_vector") for k in tensors),
         "target_modules": _shortest_suffixes(model, list(layers)), "fan_in_fan_out": kinds == {True},
@@ -76,6 +76,12 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
     }
     meta = {"format": "pt", "exported_by": f"replora {__version__}", "replora_method": config.method}
     return write_adapter_folder(path, tensors, peft_config, meta)
+
+
+def peft_task_type(model: nn.Module) -> str | None:
+    """CAUSAL_LM for a decoder LM (so that AutoPeftModelForCausalLM loads the adapter), else none: PEFT's
+    other task types change what it loads (SEQ_CLS adds the classifier to modules_to_save itself)."""
+    return "CAUSAL_LM" if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")) else None
 
 
 def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:

@@ -52,11 +52,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def headline(m: dict) -> str:
+    """A run's main test figure: accuracy, or exact match for generative runs."""
+    return "test_exact_match" if "test_exact_match" in m else "test_accuracy"
+
+
 def summary(runs: list[dict]) -> str:
-    lines = [f"{'method':<9} {'test acc':>9} {'val acc':>8} {'trainable':>10} {'steps':>6} {'time (s)':>9}"]
+    generative = any("test_exact_match" in m for m in runs)
+    heads = ("test EM", "test loss", "val loss") if generative else ("test acc", "val acc", "")
+    lines = [f"{'method':<9} {heads[0]:>9} {heads[1]:>9} {heads[2]:>8} {'trainable':>10} {'steps':>6} {'time (s)':>9}"]
     for m in runs:
-        lines.append(f"{m['method']:<9} {m['test_accuracy']:>9.4f} {m['validation_accuracy']:>8.4f} "
-                     f"{m['trainable_parameters']:>10,} {m['steps']:>6} {m['wall_time_seconds']:>9.1f}")
+        figures = ((m["test_exact_match"], m["test_loss"], m["validation_loss"]) if generative
+                   else (m["test_accuracy"], m["validation_accuracy"], None))
+        lines.append(f"{m['method']:<9} {figures[0]:>9.4f} {figures[1]:>9.4f} "
+                     f"{'' if figures[2] is None else f'{figures[2]:.4f}':>8} {m['trainable_parameters']:>10,} "
+                     f"{m['steps']:>6} {m['wall_time_seconds']:>9.1f}")
     return "\n".join(lines)
 
 
@@ -85,9 +95,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{folder} holds no finished run (no metrics.json)")
         m = json.loads(file.read_text())
         groups[m["method"]].append(m)
-    print(f"{'method':<9} {'runs':>4} {'seeds':<10} {'test accuracy':>16} {'wall time (s)':>16} {'trainable':>10}")
+    figure = headline(next(iter(groups.values()))[0])
+    print(f"{'method':<9} {'runs':>4} {'seeds':<10} {figure.replace('_', ' '):>16} {'wall time (s)':>16} {'trainable':>10}")
     for method, runs in groups.items():
-        acc, secs = _mean_std([m["test_accuracy"] for m in runs]), _mean_std([m["wall_time_seconds"] for m in runs])
+        acc, secs = _mean_std([m[headline(m)] for m in runs]), _mean_std([m["wall_time_seconds"] for m in runs])
         seeds = ",".join(str(m["seed"]) for m in runs)
         print(f"{method:<9} {len(runs):>4} {seeds:<10} {100 * acc[0]:>9.2f} ± {100 * acc[1]:.2f} "
               f"{secs[0]:>9.0f} ± {secs[1]:.0f} {runs[0]['trainable_parameters']:>10,}")

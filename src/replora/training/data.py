@@ -1,8 +1,10 @@
 """Datasets for training: Rotten Tomatoes (default), BIG-bench social_iqa / strategyqa, and a user's
 CSV / JSON Lines file or Hugging Face dataset.
 
-Every example is a dict: {"text": str, "label": int} for classification, or
-{"text": question, "choices": [str, ...], "label": index of the right choice} for multiple choice.
+Every example is a dict: {"text": str, "label": int} for classification,
+{"text": question, "choices": [str, ...], "label": index of the right choice} for multiple choice, or
+{"prompt": str, "response": str} / {"messages": [{"role", "content"}, ...]} for generative fine-tuning
+(sft; the commonsense items add "choices", "label" and "task").
 """
 from __future__ import annotations
 
@@ -43,14 +45,23 @@ class TaskData:
 
 
 def load_task(dataset: str, text_column: str = "text", label_column: str = "label",
-              choices_column: str | None = None) -> TaskData:
+              choices_column: str | None = None, task: str = "auto") -> TaskData:
     """A built-in dataset by name, or a user's .csv / .jsonl file or Hugging Face dataset
-    (a folder saved with `save_to_disk`, or `hf:<hub id>` where a network is available)."""
-    if dataset == "rotten_tomatoes":
-        return rotten_tomatoes()
-    if dataset in BIGBENCH_TASKS:
-        return bigbench(dataset)
-    columns = dict(text_column=text_column, label_column=label_column, choices_column=choices_column)
+    (a folder saved with `save_to_disk`, or `hf:<hub id>` where a network is available).
+    `task` (auto, classification, multiple-choice, sft) says how to read a user's rows."""
+    if dataset == "rotten_tomatoes" or dataset in BIGBENCH_TASKS or dataset.split(":")[0] == "commonsense":
+        if dataset.startswith("commonsense"):
+            from .commonsense import commonsense_task  # (it builds on this module's TaskData)
+
+            data = commonsense_task(dataset)
+        else:
+            data = rotten_tomatoes() if dataset == "rotten_tomatoes" else bigbench(dataset)
+        wanted = {"classification": "classification", "multiple-choice": "multiple_choice", "sft": "sft"}.get(task)
+        if wanted and wanted != data.kind:
+            raise ValueError(f"dataset {dataset!r} is a {data.kind.replace('_', '-')} task, not {task}; drop --task "
+                             "or choose another dataset")
+        return data
+    columns = dict(text_column=text_column, label_column=label_column, choices_column=choices_column, task=task)
     if dataset.startswith("hf:"):
         return _from_rows(dataset, _hf_rows(dataset[3:], hub=True), **columns)
     path = Path(dataset)
@@ -93,10 +104,13 @@ def _hf_rows(source: str, hub: bool) -> list[dict]:
 
 
 def _from_rows(name: str, rows: list[dict], text_column: str, label_column: str,
-               choices_column: str | None) -> TaskData:
+               choices_column: str | None, task: str = "auto") -> TaskData:
     """User data: a `split` column (train / validation / test) is honoured; otherwise a fixed 80/10/10 split."""
     if not rows:
         raise ValueError(f"dataset {name!r} has no rows")
+    generative = "messages" in rows[0] or {"prompt", "response"} <= set(rows[0])
+    if task == "sft" or (task == "auto" and generative and choices_column is None):
+        return _with_splits(name, "sft", [sft_example(name, number, row) for number, row in enumerate(rows, 1)], [])
     needed = [text_column, label_column] + ([choices_column] if choices_column else [])
     missing = [c for c in needed if c not in rows[0]]
     if missing:
@@ -107,6 +121,10 @@ def _from_rows(name: str, rows: list[dict], text_column: str, label_column: str,
         label_names = sorted({str(r[label_column]) for r in rows}, key=_natural)
         if len(label_names) < 2:
             raise ValueError(f"dataset {name!r}: column {label_column!r} has a single value; a classifier needs two or more")
+        if len(label_names) > max(20, len(rows) // 2):  # free text, not labels: almost one class per row
+            raise ValueError(f"dataset {name!r}: column {label_column!r} has {len(label_names)} different values in "
+                             f"{len(rows)} rows, so it is text rather than class labels; to train a model to write "
+                             "it, use --task sft with columns prompt and response (or messages)")
     index = {label: i for i, label in enumerate(label_names)}
     for number, row in enumerate(rows, 1):
         text, label = row.get(text_column), row.get(label_column)
@@ -135,6 +153,10 @@ def _from_rows(name: str, rows: list[dict], text_column: str, label_column: str,
             example.update(choices=choices, label=label)
         examples.append(example)
     kind = "classification" if choices_column is None else "multiple_choice"
+    return _with_splits(name, kind, examples, label_names)
+
+
+def _with_splits(name: str, kind: str, examples: list[dict], label_names: list[str]) -> TaskData:
     if any(e["split"] for e in examples):
         splits = defaultdict(list)
         for e in examples:
@@ -149,6 +171,43 @@ def _from_rows(name: str, rows: list[dict], text_column: str, label_column: str,
         e.pop("split")
     train, validation, test = _split(examples, 0.1, 0.1)
     return TaskData(name, kind, train, validation, test, label_names)
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def sft_example(name: str, number: int, row: dict) -> dict:
+    """A generative example from a user's row: prompt and response, or a chat in `messages` (the last
+    message is the assistant's answer the loss is taken on). Checked here, so a bad row stops the run
+    before anything is written."""
+    where = f"dataset {name!r}, row {number}"
+    if "messages" in row:
+        messages = row["messages"]
+        if isinstance(messages, str):
+            try:
+                messages = json.loads(messages)
+            except json.JSONDecodeError:
+                messages = None
+        if not isinstance(messages, list) or len(messages) < 2:
+            raise ValueError(f"{where}: 'messages' must be a list of two or more {{role, content}} messages "
+                             "(in a CSV: a JSON list)")
+        for message in messages:
+            if not isinstance(message, dict) or message.get("role") not in ROLES:
+                raise ValueError(f"{where}: each message needs a role among {', '.join(ROLES)}, got "
+                                 f"{message.get('role') if isinstance(message, dict) else message!r}")
+            if not isinstance(message.get("content"), str) or not message["content"].strip():
+                raise ValueError(f"{where}: a {message['role']} message has empty or missing content")
+        if messages[-1]["role"] != "assistant":
+            raise ValueError(f"{where}: the last message must be the assistant's answer (the loss is taken on it), "
+                             f"got role {messages[-1]['role']!r}")
+        return {"messages": messages, "split": row.get("split")}
+    for column in ("prompt", "response"):
+        if column not in row:
+            raise ValueError(f"dataset {name!r} has no column {column!r}; generative (--task sft) rows need prompt and "
+                             f"response, or messages; its columns are {', '.join(row)}")
+        if not isinstance(row[column], str) or not row[column].strip():
+            raise ValueError(f"{where}: {column!r} must be non-empty text, got {row[column]!r}")
+    return {"prompt": row["prompt"], "response": row["response"], "split": row.get("split")}
 
 
 def _natural(label: str):
@@ -206,14 +265,15 @@ def capped(examples: list[dict], n: int | None) -> list[dict]:
 
 
 def stratified_fraction(examples: list[dict], fraction: float, seed: int) -> list[dict]:
-    """A seeded subset with each label's share kept (at least one example per label), in the original order."""
+    """A seeded subset with each stratum's share kept (at least one example each), in the original order.
+    Strata: the task of a mixed dataset (commonsense), else the label; generative rows have one stratum."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     if fraction == 1:
         return list(examples)
     by_label = defaultdict(list)
     for i, e in enumerate(examples):
-        by_label[e["label"]].append(i)
+        by_label[e.get("task", e.get("label", ""))].append(i)
     rng = random.Random(seed)
     chosen = []
     for label in sorted(by_label):

@@ -8,6 +8,7 @@ format) and checkpoints/epoch-N (written atomically each epoch; `latest` names t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -21,8 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from ..model import count_parameters, inject
 from ..saving import load_adapter, save_adapter, write_folder
+from . import generative
 from .data import SPLIT_SEED, TaskData, capped, load_task, stratified_fraction
-from .pretrained import head_name, load_model
+from .pretrained import head_name, load_causal_lm, load_model
 from .settings import FULL, TrainSettings
 
 log = logging.getLogger("replora.training")
@@ -95,6 +97,93 @@ def evaluate(model, loader, accelerator) -> float:
     return correct / max(total, 1)
 
 
+# --- what a run trains for: a score head (classification, multiple choice) or the text (sft) ---------
+
+class ScoreHead:
+    """Classification and multiple choice: a new score head on the model, cross-entropy over the classes
+    (or the choices' scores), accuracy on validation and test."""
+
+    def __init__(self, s: TrainSettings, task: TaskData):
+        self.s, self.task = s, task
+        self.model, self.tokenizer = load_model(s.model, task.num_labels)
+        self.collate = Collator(self.tokenizer, task.kind, s.max_length)
+        self.head = head_name(self.model)
+        self.stats: dict = {}
+
+    def prepare(self, train, validation, test) -> None:
+        """Whatever can fail on the data, done before the run writes anything."""
+
+    def train_loader(self, examples, epoch: int):
+        # The epoch's order depends on (seed, epoch) only, so a resumed run sees the same batches.
+        return make_loader(examples, self.collate, self.s.batch_size, self.s.seed * 1000 + epoch)
+
+    def eval_loader(self, examples):
+        return make_loader(examples, self.collate, self.s.eval_batch_size, None)
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
+        """(the batch's loss, how many units it counts: examples here, response tokens for sft)."""
+        return torch.nn.functional.cross_entropy(forward_logits(model, batch).float(), batch["labels"]), len(batch["labels"])
+
+    def validate(self, model, loader, accelerator) -> dict:
+        return {"validation_accuracy": evaluate(model, loader, accelerator)}
+
+    def test(self, model, loader, examples, accelerator) -> dict:
+        return {"test_accuracy": evaluate(model, loader, accelerator)}
+
+
+class Generative:
+    """sft: the causal-LM loss on the response tokens, length-grouped batches; validation loss each
+    epoch; test loss and greedy answers scored by exact match at the end (generative.py)."""
+
+    def __init__(self, s: TrainSettings, task: TaskData):
+        self.s, self.task = s, task
+        self.model, self.tokenizer = load_causal_lm(s.model)
+        self.collate = generative.SFTCollator(self.tokenizer.pad_token_id)
+        self.head = None  # the model's own output layer writes the answers: nothing new to train in full
+        self.stats: dict = {}
+
+    def prepare(self, train, validation, test) -> None:
+        """Tokenize every set once (a template or a row that cannot be rendered stops the run here, before
+        anything is written), counting the sequences cut to --max-length."""
+        self.features = {}
+        for name, examples in (("train", train), ("validation", validation), ("test", test)):
+            self.features[id(examples)], cut = generative.encode_all(examples, self.tokenizer, self.s.max_length)
+            for what, n in cut.items():
+                self.stats[f"{name}_{what}"] = n  # (prompts lose their start, responses their end)
+
+    def train_loader(self, examples, epoch: int):
+        ordered = generative.length_grouped(self.features[id(examples)], self.s.batch_size, self.s.seed * 1000 + epoch)
+        self.stats["padding_fraction"] = generative.padding_fraction(ordered, self.s.batch_size)
+        return make_loader(ordered, self.collate, self.s.batch_size, None)
+
+    def eval_loader(self, examples):
+        ordered = generative.length_grouped(self.features[id(examples)], self.s.eval_batch_size, 0)
+        return make_loader(ordered, self.collate, self.s.eval_batch_size, None)
+
+    def loss(self, model, batch):
+        return generative.response_loss(model, batch)
+
+    def validate(self, model, loader, accelerator) -> dict:
+        return {"validation_loss": generative.mean_loss(model, loader, accelerator)}
+
+    def test(self, model, loader, examples, accelerator) -> dict:
+        from accelerate.utils import gather_object
+
+        result = {"test_loss": generative.mean_loss(model, loader, accelerator)}
+        with accelerator.split_between_processes(list(range(len(examples)))) as mine:
+            prompts = [generative.prompt_ids(examples[i], self.tokenizer, self.s.max_length) for i in mine]
+            answers = generative.generate(accelerator.unwrap_model(model), self.tokenizer, prompts,
+                                          self.s.max_new_tokens, self.s.eval_batch_size)
+            scored = [(i, a, generative.is_correct(a, examples[i])) for i, a in zip(mine, answers)]
+        scored = sorted(gather_object(scored))
+        result["test_exact_match"] = sum(ok for _, _, ok in scored) / max(len(scored), 1)
+        for i, answer, ok in scored[:5]:  # a sample, for the log
+            log.info("test answer %s: %r -> %r", "right" if ok else "wrong",
+                     generative.first_words(generative.render(examples[i], self.tokenizer)[0]), answer.strip())
+        model.train()
+        return result
+
+
 # --- checkpoints: safetensors + JSON only -------------------------------------------------------
 
 def _save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> None:
@@ -150,7 +239,8 @@ def _prepare_output(s: TrainSettings, out: Path) -> Path | None:
         saved = json.loads(settings_file.read_text())
         mine = {k: v for k, v in s.to_dict().items() if k != "resume"}
         saved.pop("resume", None)
-        changed = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        # A setting missing from the saved file is newer than the run: it had no say in it.
+        changed = sorted(k for k in saved.keys() | mine.keys() if k in saved and saved.get(k) != mine.get(k))
         if changed:
             raise ValueError(f"--resume with settings that differ from the run in {out}: {', '.join(changed)}; "
                              "resume with the same settings, or start a new run in another --output")
@@ -174,7 +264,6 @@ def train(settings: TrainSettings) -> dict:
 
     s = settings
     s.validate()
-    out = s.output_dir()
     # Accelerate picks the device; on a machine with no accelerator it must be told so, or a torchrun /
     # accelerate-launch run on CPUs would not form its gloo process group.
     has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
@@ -187,18 +276,23 @@ def train(settings: TrainSettings) -> dict:
     if s.batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size {s.batch_size} (the global batch) must divide evenly among "
                          f"{accelerator.num_processes} processes")
+    task = load_task(s.dataset, s.text_column, s.label_column, s.choices_column, s.task)
+    kind = "multiple-choice" if task.kind == "multiple_choice" else task.kind
+    s = dataclasses.replace(s, model=s.model_name(kind), task=kind)  # recorded as run, defaults resolved
+    out = s.output_dir()
     resume_from = _prepare_output(s, out)
-    task = load_task(s.dataset, s.text_column, s.label_column, s.choices_column)
     train_examples = _training_examples(task, s)
     validation, test = capped(task.validation, s.max_eval_examples), capped(task.test, s.max_eval_examples)
 
     set_seed(s.seed)
-    model, tokenizer = load_model(s.model, task.num_labels)
+    objective = (Generative if kind == "sft" else ScoreHead)(s, task)
+    objective.prepare(train_examples, validation, test)
+    model = objective.model
     if s.method == FULL:
         config = None
         model.requires_grad_(True)
     else:
-        config = s.adapter_config(head_name(model))
+        config = s.adapter_config(objective.head)
         inject(model, config)
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -215,93 +309,102 @@ def train(settings: TrainSettings) -> dict:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    state = {"epoch": 0, "step": 0, "history": [], "seconds": 0.0}
-    if resume_from is not None and config is not None:
-        state = _load_checkpoint(resume_from, model, optimizer, scheduler)
-        log.info("resumed from %s (epoch %d, step %d)", resume_from, state["epoch"], state["step"])
-    log.info("%s on %s (%s): %d train / %d validation / %d test examples; %s; trainable %d of %d parameters; "
-             "%d processes on %s", s.model, task.name, task.kind, len(train_examples), len(validation), len(test),
-             s.method, trainable, total, accelerator.num_processes, accelerator.device)
+    try:
+        state = {"epoch": 0, "step": 0, "history": [], "seconds": 0.0}
+        if resume_from is not None and config is not None:
+            state = _load_checkpoint(resume_from, model, optimizer, scheduler)
+            log.info("resumed from %s (epoch %d, step %d)", resume_from, state["epoch"], state["step"])
+        log.info("%s on %s (%s): %d train / %d validation / %d test examples; %s; trainable %d of %d parameters; "
+                 "%d processes on %s", s.model, task.name, task.kind, len(train_examples), len(validation), len(test),
+                 s.method, trainable, total, accelerator.num_processes, accelerator.device)
+        if cut := {k: v for k, v in objective.stats.items() if k.endswith("_cut")}:
+            log.info("sequences longer than --max-length %d (prompts lose their start, responses their end): %s",
+                     s.max_length, ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in cut.items()))
 
-    collate = Collator(tokenizer, task.kind, s.max_length)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    val_loader, test_loader = accelerator.prepare(make_loader(validation, collate, s.eval_batch_size, None),
-                                                  make_loader(test, collate, s.eval_batch_size, None))
-    progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
-                    desc=s.method, unit="step", dynamic_ncols=True)
-    started = time.perf_counter() - state["seconds"]
-    model.train()
-    for epoch in range(state["epoch"], epochs):
-        # The epoch's order depends on (seed, epoch) only, so a resumed run sees the same batches.
-        loader = accelerator.prepare(make_loader(train_examples, collate, s.batch_size, s.seed * 1000 + epoch))
-        losses, seen, epoch_start = [], 0, time.perf_counter()
-        for batch in loader:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        val_loader, test_loader = accelerator.prepare(objective.eval_loader(validation), objective.eval_loader(test))
+        progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
+                        desc=s.method, unit="step", dynamic_ncols=True)
+        started = time.perf_counter() - state["seconds"]
+        model.train()
+        for epoch in range(state["epoch"], epochs):
+            loader = accelerator.prepare(objective.train_loader(train_examples, epoch))
+            losses, seen, tokens, epoch_start = [], 0, 0, time.perf_counter()
+            for batch in loader:
+                if state["step"] >= total_steps:
+                    break
+                with accelerator.accumulate(model):
+                    loss, _ = objective.loss(model, batch)
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(f"the loss became {loss.item()} at step {state['step'] + 1} (epoch "
+                                               f"{epoch + 1}); the last good checkpoint is kept. Try a lower --lr or "
+                                               "--max-grad-norm")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and s.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, s.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                losses.append(loss.item())
+                seen += len(batch["labels"]) * accelerator.num_processes
+                tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+                if accelerator.sync_gradients:
+                    state["step"] += 1
+                    progress.update(1)
+                    elapsed = time.perf_counter() - epoch_start
+                    progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}",
+                                         ex_per_s=f"{seen / elapsed:.1f}", tok_per_s=f"{tokens / elapsed:.0f}")
+            validation_metrics = objective.validate(model, val_loader, accelerator)
+            state["epoch"] = epoch + 1
+            state["seconds"] = time.perf_counter() - started
+            state["train_tokens"] = state.get("train_tokens", 0) + tokens
+            state["history"].append({"epoch": epoch + 1, "step": state["step"],
+                                     "train_loss": sum(losses) / max(len(losses), 1), **validation_metrics,
+                                     "train_tokens_per_second": tokens / max(time.perf_counter() - epoch_start, 1e-9),
+                                     "seconds": state["seconds"]})
+            log.info("epoch %d: train loss %.4f, %s", epoch + 1, state["history"][-1]["train_loss"],
+                     ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in validation_metrics.items()))
+            if accelerator.is_main_process and config is not None:  # (full fine-tuning keeps no checkpoints)
+                checkpoints = out / "checkpoints"
+                name = f"epoch-{epoch + 1}"
+                if (checkpoints / name).exists():  # a stale copy from a run killed before `latest` named it
+                    shutil.rmtree(checkpoints / name)
+                _save_checkpoint(checkpoints / name, accelerator.unwrap_model(model), optimizer, scheduler, state)
+                latest = checkpoints / "latest"
+                previous = latest.read_text().strip() if latest.is_file() else None
+                tmp = checkpoints / ".latest.tmp"
+                tmp.write_text(name)
+                os.replace(tmp, latest)  # the new checkpoint counts only once it is whole
+                if previous and previous != name:
+                    shutil.rmtree(checkpoints / previous, ignore_errors=True)
+            accelerator.wait_for_everyone()
             if state["step"] >= total_steps:
                 break
-            with accelerator.accumulate(model):
-                logits = forward_logits(model, batch)
-                loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"the loss became {loss.item()} at step {state['step'] + 1} (epoch "
-                                           f"{epoch + 1}); the last good checkpoint is kept. Try a lower --lr or "
-                                           "--max-grad-norm")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and s.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, s.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            losses.append(loss.item())
-            seen += len(batch["labels"]) * accelerator.num_processes
-            if accelerator.sync_gradients:
-                state["step"] += 1
-                progress.update(1)
-                progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}",
-                                     ex_per_s=f"{seen / (time.perf_counter() - epoch_start):.1f}")
-        val_accuracy = evaluate(model, val_loader, accelerator)
-        state["epoch"] = epoch + 1
-        state["seconds"] = time.perf_counter() - started
-        state["history"].append({"epoch": epoch + 1, "step": state["step"],
-                                 "train_loss": sum(losses) / max(len(losses), 1),
-                                 "validation_accuracy": val_accuracy, "seconds": state["seconds"]})
-        log.info("epoch %d: train loss %.4f, validation accuracy %.4f", epoch + 1,
-                 state["history"][-1]["train_loss"], val_accuracy)
-        if accelerator.is_main_process and config is not None:  # (full fine-tuning keeps no checkpoints)
-            checkpoints = out / "checkpoints"
-            name = f"epoch-{epoch + 1}"
-            if (checkpoints / name).exists():  # a stale copy from a run killed before `latest` named it
-                shutil.rmtree(checkpoints / name)
-            _save_checkpoint(checkpoints / name, accelerator.unwrap_model(model), optimizer, scheduler, state)
-            latest = checkpoints / "latest"
-            previous = latest.read_text().strip() if latest.is_file() else None
-            tmp = checkpoints / ".latest.tmp"
-            tmp.write_text(name)
-            os.replace(tmp, latest)  # the new checkpoint counts only once it is whole
-            if previous and previous != name:
-                shutil.rmtree(checkpoints / previous, ignore_errors=True)
+        progress.close()
+        test_metrics = objective.test(model, test_loader, test, accelerator)
+        last = state["history"][-1] if state["history"] else {}
+        metrics = {
+            **test_metrics, **{k: last.get(k) for k in last if k.startswith("validation_")},
+            "history": state["history"], "trainable_parameters": trainable, "total_parameters": total,
+            "wall_time_seconds": time.perf_counter() - started, "steps": state["step"],
+            "train_examples": len(train_examples), "validation_examples": len(validation), "test_examples": len(test),
+            "num_processes": accelerator.num_processes, "method": s.method, "model": s.model, "lr": s.lr,
+            "dataset": task.name, "task": kind, "seed": s.seed, "fraction": s.fraction,
+            "train_tokens": state.get("train_tokens", 0),
+            "train_tokens_per_second": state.get("train_tokens", 0) / max(state["seconds"], 1e-9),
+            **{k: v for k, v in objective.stats.items() if k != "train"},
+            "adapter_config": config.to_dict() if config else None,
+        }
+        if accelerator.is_main_process:
+            if config is not None:
+                save_adapter(accelerator.unwrap_model(model), out / "adapter")
+            _write_json(out / "metrics.json", metrics)
+            log.info("%s; wall time %.1f s", ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in test_metrics.items()),
+                     metrics["wall_time_seconds"])
         accelerator.wait_for_everyone()
-        if state["step"] >= total_steps:
-            break
-    progress.close()
-    test_accuracy = evaluate(model, test_loader, accelerator)
-    metrics = {
-        "test_accuracy": test_accuracy,
-        "validation_accuracy": state["history"][-1]["validation_accuracy"] if state["history"] else None,
-        "history": state["history"], "trainable_parameters": trainable, "total_parameters": total,
-        "wall_time_seconds": time.perf_counter() - started, "steps": state["step"],
-        "train_examples": len(train_examples), "validation_examples": len(validation), "test_examples": len(test),
-        "num_processes": accelerator.num_processes, "method": s.method, "model": s.model, "lr": s.lr,
-        "dataset": task.name, "seed": s.seed, "fraction": s.fraction,
-        "adapter_config": config.to_dict() if config else None,
-    }
-    if accelerator.is_main_process:
-        if config is not None:
-            save_adapter(accelerator.unwrap_model(model), out / "adapter")
-        _write_json(out / "metrics.json", metrics)
-        log.info("test accuracy %.4f; wall time %.1f s", test_accuracy, metrics["wall_time_seconds"])
-    accelerator.wait_for_everyone()
-    for handler in list(log.handlers):
-        if isinstance(handler, logging.FileHandler):
-            log.removeHandler(handler)
-            handler.close()
+    finally:  # a failed run (diverged, interrupted) must not leave its log file attached to the next run
+        for handler in list(log.handlers):
+            if isinstance(handler, logging.FileHandler):
+                log.removeHandler(handler)
+                handler.close()
     return metrics

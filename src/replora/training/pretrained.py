@@ -125,6 +125,43 @@ def load_model(name: str, num_labels: int):
     return model, tokenizer
 
 
+GENERATIVE_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def load_causal_lm(name: str):
+    """(model, tokenizer) of a decoder that writes text (--task sft); the tokenizer pads with EOS when it
+    has no pad token."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(a.endswith(GENERATIVE_ARCHITECTURES) for a in architectures):
+        raise ValueError(f"--task sft trains a model to write its answers, but {name!r} is a {architectures[0]}, "
+                         "not a text generator; use a decoder (causal LM) such as --model smollm2")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"model {name!r}: its tokenizer has no end-of-sequence token, which sft appends to answers")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
 def head_name(model: nn.Module) -> str | None:
     """The classification head a run trains in full (BERT-style `classifier`, decoder-style `score`)."""
     for name in ("classifier", "score"):

@@ -16,6 +16,7 @@ from ..config import AdapterConfig
 from ..methods import METHODS, method_options
 
 FULL = "full"  # full fine-tuning, the reference line of the experiments: no adapter, every weight trains
+TASKS = ("auto", "classification", "multiple-choice", "sft")
 
 
 def setting(default: Any, help: str, group: str, choices=None, **kwargs):
@@ -28,10 +29,15 @@ def setting(default: Any, help: str, group: str, choices=None, **kwargs):
 class TrainSettings:
     """Everything a run needs; adapter options (r, lora_alpha, replora_activation, ...) go in `adapter`."""
 
-    model: str = setting("minilm", "minilm (packaged all-MiniLM-L6-v2), smollm2 (packaged SmolLM2-135M-Instruct), "
-                                   "a local transformers folder, or a hub id", "run")
-    dataset: str = setting("rotten_tomatoes", "rotten_tomatoes, social_iqa, strategyqa (multiple choice), a .csv / "
-                                              ".jsonl file, a saved Hugging Face dataset folder, or hf:<hub id>", "run")
+    model: str | None = setting(None, "minilm (packaged all-MiniLM-L6-v2), smollm2 (packaged SmolLM2-135M-Instruct), "
+                                      "a local transformers folder, or a hub id (default: minilm; smollm2 for "
+                                      "--task sft)", "run")
+    dataset: str = setting("rotten_tomatoes", "rotten_tomatoes, social_iqa, strategyqa (multiple choice), commonsense "
+                                              "or commonsense:<task> (generative), a .csv / .jsonl file, a saved "
+                                              "Hugging Face dataset folder, or hf:<hub id>", "run")
+    task: str = setting("auto", "classification, multiple-choice, or sft (generative: the loss on the response, "
+                                "answers read back by generation); auto: from the data (rows with prompt and response, "
+                                "or messages, are sft)", "run", TASKS)
     method: str = setting("lora", f"adapter method; {FULL} = full fine-tuning, no adapter", "run",
                           lambda: tuple(METHODS) + (FULL,))  # read when asked: methods registered later count
     fraction: float = setting(1.0, "train on this seeded, stratified fraction of the training split", "run")
@@ -55,10 +61,11 @@ class TrainSettings:
     text_column: str = setting("text", "your data's text (or question) column", "your data")
     label_column: str = setting("label", "your data's label column", "your data")
     choices_column: str | None = setting(None, "your data's choices column: makes the task multiple choice", "your data")
+    max_new_tokens: int = setting(32, "sft: the most tokens generated per test answer (greedy)", "training")
     adapter: dict = field(default_factory=dict, metadata={"help": "AdapterConfig options"})
 
     def validate(self) -> None:
-        positive = ("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size")
+        positive = ("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -93,11 +100,17 @@ class TrainSettings:
             options["modules_to_save"] = [head]  # the new classification head trains in full
         return AdapterConfig(method=self.method, **options)
 
+    def model_name(self, task_kind: str | None = None) -> str:
+        """The model to load: the one asked for, or the task's default."""
+        if self.model is not None:
+            return self.model
+        return "smollm2" if (task_kind or self.task) == "sft" else "minilm"
+
     def output_dir(self) -> Path:
         if self.output:
             return Path(self.output)
-        name = f"{Path(self.dataset).stem}-{Path(self.model).name}-{self.method}-f{self.fraction:g}-s{self.seed}"
-        return Path("runs") / name
+        dataset = Path(self.dataset.replace(":", "-")).stem
+        return Path("runs") / f"{dataset}-{Path(self.model_name()).name}-{self.method}-f{self.fraction:g}-s{self.seed}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
