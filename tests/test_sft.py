@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from replora.methods import METHODS
 from replora.training import generative
 from replora.training.cli import main
 from replora.training.generative import IGNORE
@@ -197,3 +198,14 @@ def test_killed_sft_run_resumes_to_the_same_result(tmp_path, tiny_lm_folders):
     x = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
     y = load_file(out / "adapter" / "adapter_model.safetensors")
     assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], atol=1e-6) for k in x)
+
+
+@pytest.mark.parametrize("method", [*METHODS, "full"])
+def test_every_method_runs_generatively(tmp_path, tiny_lm_folders, method):
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(24))
+    out = tmp_path / "run"
+    assert main(["train", "--model", tiny_lm_folders["plain"], "--dataset", str(data), "--method", method,
+                 "--epochs", "1", "--batch-size", "8", "--max-new-tokens", "2", "--output", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == method and metrics["steps"] == 3 and metrics["test_loss"] > 0
+    assert (out / "adapter").is_dir() == (method != "full")
