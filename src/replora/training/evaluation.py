@@ -118,8 +118,8 @@ def table(rows: list[dict]) -> str:
     tasks = list(rows[0]["accuracy"])
     lines = ["| model | " + " | ".join(tasks) + " | average | trainable % |", "|---" * (len(tasks) + 3) + "|"]
     for r in rows:
-        label = r["method"] if r["adapter"] else f"{Path(r['model']).name} (base)"
-        lines.append(f"| {label} ({r['scoring']}) | " + " | ".join(f"{100 * r['accuracy'][t]:.1f}" for t in tasks)
+        label = r["method"] if r["adapter"] else f"{Path(r['model']).name} base"
+        lines.append(f"| {label}, {r['scoring']} | " + " | ".join(f"{100 * r['accuracy'][t]:.1f}" for t in tasks)
                      + f" | {100 * r['average']:.1f} | {r['trainable_percent']:.2f} |")
     return "\n".join(lines)
 
