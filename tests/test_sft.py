@@ -209,3 +209,35 @@ def test_every_method_runs_generatively(tmp_path, tiny_lm_folders, method):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == method and metrics["steps"] == 3 and metrics["test_loss"] > 0
     assert (out / "adapter").is_dir() == (method != "full")
+
+
+def test_eval_scores_each_task_by_generation_and_by_loglik(tmp_path, tiny_lm_folders, capsys):
+    run = tmp_path / "run"
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(24))
+    assert main(["train", "--model", tiny_lm_folders["plain"], "--dataset", str(data), "--method", "replora",
+                 "--epochs", "1", "--batch-size", "8", "--max-new-tokens", "2", "--output", str(run)]) == 0
+    rows = {}
+    for scoring in ("generate", "loglik"):
+        out = tmp_path / f"eval-{scoring}"
+        assert main(["eval", "--adapter", str(run), "--dataset", "commonsense:arc_easy", "--scoring", scoring,
+                     "--max-eval-examples", "6", "--max-new-tokens", "3", "--output", str(out)]) == 0
+        rows[scoring] = json.loads((out / "eval.json").read_text())
+        assert "| replora, " + scoring in (out / "eval.md").read_text()
+    for row in rows.values():
+        assert list(row["accuracy"]) == ["arc_easy"] and row["items_per_task"] == {"arc_easy": 6}
+        assert row["method"] == "replora" and 0 < row["trainable_percent"] < 5 and row["model"] == tiny_lm_folders["plain"]
+    # the same items for every model: the base model's row is scored on the same 6
+    assert main(["eval", "--model", tiny_lm_folders["plain"], "--dataset", "commonsense:arc_easy", "--scoring", "loglik",
+                 "--max-eval-examples", "6", "--output", str(tmp_path / "base")]) == 0
+    base = json.loads((tmp_path / "base" / "eval.json").read_text())
+    assert base["method"] == "base" and base["trainable_percent"] == 0 and 0 <= base["average"] <= 1
+    capsys.readouterr()
+    # free-form answers cannot be scored by choice; an existing evaluation is not overwritten
+    assert main(["eval", "--adapter", str(run), "--dataset", str(data), "--scoring", "loglik",
+                 "--output", str(tmp_path / "x")]) == 2
+    assert "--scoring loglik needs items with choices" in capsys.readouterr().err
+    assert main(["eval", "--model", tiny_lm_folders["plain"], "--dataset", "commonsense:arc_easy",
+                 "--max-eval-examples", "2", "--output", str(tmp_path / "base")]) == 2
+    assert "already holds an evaluation" in capsys.readouterr().err
+    assert main(["eval", "--dataset", "commonsense:arc_easy"]) == 2
+    assert "give --adapter" in capsys.readouterr().err
