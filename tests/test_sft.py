@@ -241,3 +241,28 @@ def test_eval_scores_each_task_by_generation_and_by_loglik(tmp_path, tiny_lm_fol
     assert "already holds an evaluation" in capsys.readouterr().err
     assert main(["eval", "--dataset", "commonsense:arc_easy"]) == 2
     assert "give --adapter" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_sft_adapter_as_one(tmp_path, tiny_lm_folders):
+    # Responses of different lengths: each process holds a different number of response tokens.
+    rows = [{"prompt": f"item {i} is {'hot' if i % 2 else 'cold'}", "response": "yes" if i % 2 else "no it is not"}
+            for i in range(80)]
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    common = ["train", "--model", tiny_lm_folders["plain"], "--dataset", str(data), "--method", "replora",
+              "--epochs", "2", "--batch-size", "16", "--seed", "3", "--lr", "5e-3", "--max-new-tokens", "3"]
+    one = subprocess.run([sys.executable, "-m", "replora"] + common + ["--output", str(tmp_path / "one")], env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          "29534", "-m", "replora"] + common + ["--output", str(tmp_path / "two")],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    m1, m2 = (json.loads((tmp_path / k / "metrics.json").read_text()) for k in ("one", "two"))
+    assert (m1["num_processes"], m2["num_processes"]) == (1, 2) and m1["steps"] == m2["steps"] == 8
+    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+    assert m1["test_loss"] == pytest.approx(m2["test_loss"], abs=1e-5)
+    assert m1["test_exact_match"] == m2["test_exact_match"]

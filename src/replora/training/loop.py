@@ -334,7 +334,12 @@ def train(settings: TrainSettings) -> dict:
                 if state["step"] >= total_steps:
                     break
                 with accelerator.accumulate(model):
-                    loss, _ = objective.loss(model, batch)
+                    loss, units = objective.loss(model, batch)
+                    if kind == "sft" and accelerator.num_processes > 1:
+                        # Each process's loss is a mean over its own response tokens, and DDP averages the
+                        # processes: weigh each by its share of the global batch's tokens, as one process would.
+                        everyone = accelerator.reduce(torch.tensor([float(units)], device=accelerator.device), "sum")
+                        loss = loss * units * accelerator.num_processes / max(everyone.item(), 1.0)
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(f"the loss became {loss.item()} at step {state['step'] + 1} (epoch "
                                                f"{epoch + 1}); the last good checkpoint is kept. Try a lower --lr or "
