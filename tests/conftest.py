@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -222,6 +226,21 @@ def tiny_lm_folders(tmp_path_factory):
         tokenizer.save_pretrained(root / name)
         folders[name] = str(root / name)
     return folders
+
+
+REPLORA = [sys.executable, "-m", "replora"]
+
+
+def kill_once_checkpointed(args: list[str], out: Path, timeout: float = 240) -> None:
+    """Start `replora <args> --output out` and SIGKILL it as soon as its first checkpoint is whole."""
+    process = subprocess.Popen(REPLORA + args + ["--output", str(out)], env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not (out / "checkpoints" / "latest").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "metrics.json").exists(), "the run ended before it could be killed"
 
 
 def write_jsonl(path: Path, rows) -> Path:

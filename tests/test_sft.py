@@ -3,10 +3,8 @@ generation and its scoring, the guards, and runs end to end."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from safetensors.torch import load_file
@@ -18,7 +16,7 @@ from replora.training import generative
 from replora.training.cli import main
 from replora.training.generative import IGNORE
 
-from conftest import ENV, write_jsonl
+from conftest import ENV, kill_once_checkpointed, write_jsonl
 
 COLOURS = ["red", "green", "blue", "white", "black", "yellow"]
 
@@ -180,14 +178,7 @@ def test_killed_sft_run_resumes_to_the_same_result(tmp_path, tiny_lm_folders):
                            text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
     out = tmp_path / "cut"
-    process = subprocess.Popen(replora_cli + common + ["--output", str(out)], env=ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (out / "checkpoints" / "latest").exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (out / "metrics.json").exists(), "the run ended before it could be killed"
+    kill_once_checkpointed(common, out)
     resumed = subprocess.run(replora_cli + common + ["--output", str(out), "--resume"], env=ENV, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,9 +13,8 @@ from safetensors.torch import load_file
 from replora.training.cli import main
 from replora.training.data import load_task, rotten_tomatoes, bigbench, stratified_fraction
 
-from conftest import ENV, sentiment_rows, write_jsonl
+from conftest import ENV, REPLORA, kill_once_checkpointed, sentiment_rows, write_jsonl
 
-REPLORA = [sys.executable, "-m", "replora"]
 
 
 def run(args, **kwargs):
@@ -189,14 +186,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_folders):
     assert run(common + ["--output", str(tmp_path / "whole")], timeout=300).returncode == 0
 
     out = tmp_path / "cut"
-    process = subprocess.Popen(REPLORA + common + ["--output", str(out)], env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (out / "checkpoints" / "latest").exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (out / "metrics.json").exists(), "the run ended before it could be killed"
+    kill_once_checkpointed(common, out)
     assert (out / "checkpoints" / "latest").read_text() == "epoch-1"
 
     resumed = run(common + ["--output", str(out), "--resume"], timeout=300)
