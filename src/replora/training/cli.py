@@ -97,21 +97,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    """Runs grouped by method: test accuracy mean ± std over their seeds, and wall time."""
+    """Runs grouped by dataset, model and method: the test figure's mean ± std over their seeds, and wall time."""
     groups = defaultdict(list)
     for folder in args.runs:
         file = Path(folder) / "metrics.json"
         if not file.is_file():
             raise FileNotFoundError(f"{folder} holds no finished run (no metrics.json)")
         m = json.loads(file.read_text())
-        groups[m["method"]].append(m)
-    figure = headline(next(iter(groups.values()))[0])
-    print(f"{'method':<9} {'runs':>4} {'seeds':<10} {figure.replace('_', ' '):>16} {'wall time (s)':>16} {'trainable':>10}")
-    for method, runs in groups.items():
-        acc, secs = _mean_std([m[headline(m)] for m in runs]), _mean_std([m["wall_time_seconds"] for m in runs])
+        groups[m.get("dataset"), Path(str(m.get("model"))).name, m["method"]].append(m)
+    print(f"{'dataset':<16} {'model':<12} {'method':<9} {'runs':>4} {'seeds':<10} {'test figure':<18} {'mean ± std':>14} "
+          f"{'wall time (s)':>16} {'trainable':>10}")
+    for (dataset, model, method), runs in groups.items():
+        figure = headline(runs[0])
+        acc, secs = _mean_std([m[figure] for m in runs]), _mean_std([m["wall_time_seconds"] for m in runs])
         seeds = ",".join(str(m["seed"]) for m in runs)
-        print(f"{method:<9} {len(runs):>4} {seeds:<10} {100 * acc[0]:>9.2f} ± {100 * acc[1]:.2f} "
-              f"{secs[0]:>9.0f} ± {secs[1]:.0f} {runs[0]['trainable_parameters']:>10,}")
+        print(f"{str(dataset)[:16]:<16} {model[:12]:<12} {method:<9} {len(runs):>4} {seeds:<10} "
+              f"{figure.replace('test_', '').replace('_', ' '):<18} {100 * acc[0]:>7.2f} ± {100 * acc[1]:<5.2f} "
+              f"{secs[0]:>9.0f} ± {secs[1]:<4.0f} {runs[0]['trainable_parameters']:>10,}")
     return 0
 
 
