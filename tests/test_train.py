@@ -135,7 +135,7 @@ def test_config_file_and_flags_combine(tmp_path, tiny_folders, capsys):
     assert {p.name for p in (tmp_path / "run").iterdir()} >= {"settings.json", "metrics.json", "log.txt", "adapter", "checkpoints"}
     capsys.readouterr()
     assert main(["summary", str(tmp_path / "run")]) == 0
-    assert re.search(r"moslora\s+1 0\s+\d+\.\d\d ± 0\.00", capsys.readouterr().out)
+    assert re.search(r"moslora\s+1 0\s+accuracy\s+\d+\.\d\d ± 0\.00", capsys.readouterr().out)
     assert main(["summary", str(tmp_path)]) == 2  # not a run folder
     # The same output again without --resume is refused: nothing is overwritten.
     assert main(["train", "--config", str(tmp_path / "c.yaml"), "--output", str(tmp_path / "run")]) == 2
