@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 from functools import lru_cache
 from pathlib import Path
 
-from .data import SPLIT_SEED, TaskData
+from .tasks import SPLIT_SEED, TaskData
 from .pretrained import cache_dir
 
 TASKS = ("boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")

@@ -13,35 +13,17 @@ import csv
 import json
 import random
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .pretrained import rotten_tomatoes_csv
+from .tasks import SPLIT_SEED, TaskData
 
 TASK_DATA = Path(__file__).parent / "task_data"
 BIGBENCH_TASKS = ("social_iqa", "strategyqa")
 BUILTIN = ("rotten_tomatoes",) + BIGBENCH_TASKS
-SPLIT_SEED = 1234  # splits are fixed, whatever --seed a run uses
 
 # Rotten Tomatoes: reviews of one movie never straddle two splits.
 RT_VALIDATION, RT_TEST = 1000, 2000
-
-
-@dataclass
-class TaskData:
-    name: str
-    kind: str  # "classification" or "multiple_choice"
-    train: list[dict]
-    validation: list[dict]
-    test: list[dict]
-    label_names: list[str] = field(default_factory=list)
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_names) if self.kind == "classification" else 1
-
-    def sizes(self) -> dict[str, int]:
-        return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
 
 
 def load_task(dataset: str, text_column: str = "text", label_column: str = "label",
@@ -51,7 +33,7 @@ def load_task(dataset: str, text_column: str = "text", label_column: str = "labe
     `task` (auto, classification, multiple-choice, sft) says how to read a user's rows."""
     if dataset == "rotten_tomatoes" or dataset in BIGBENCH_TASKS or dataset.split(":")[0] == "commonsense":
         if dataset.startswith("commonsense"):
-            from .commonsense import commonsense_task  # (it builds on this module's TaskData)
+            from .commonsense import commonsense_task  # (its 150k items are read only when asked for)
 
             data = commonsense_task(dataset)
         else:

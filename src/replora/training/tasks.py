@@ -1,0 +1,23 @@
+"""TaskData: a dataset's splits as the training loop reads them (data.py and commonsense.py make them)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SPLIT_SEED = 1234  # splits are fixed, whatever --seed a run uses
+
+
+@dataclass
+class TaskData:
+    name: str
+    kind: str  # "classification", "multiple_choice" or "sft"
+    train: list[dict]
+    validation: list[dict]
+    test: list[dict]
+    label_names: list[str] = field(default_factory=list)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names) if self.kind == "classification" else 1
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
