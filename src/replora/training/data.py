@@ -31,13 +31,8 @@ def load_task(dataset: str, text_column: str = "text", label_column: str = "labe
     """A built-in dataset by name, or a user's .csv / .jsonl file or Hugging Face dataset
     (a folder saved with `save_to_disk`, or `hf:<hub id>` where a network is available).
     `task` (auto, classification, multiple-choice, sft) says how to read a user's rows."""
-    if dataset == "rotten_tomatoes" or dataset in BIGBENCH_TASKS or dataset.split(":")[0] == "commonsense":
-        if dataset.startswith("commonsense"):
-            from .commonsense import commonsense_task  # (its 150k items are read only when asked for)
-
-            data = commonsense_task(dataset)
-        else:
-            data = rotten_tomatoes() if dataset == "rotten_tomatoes" else bigbench(dataset)
+    data = _builtin(dataset)
+    if data is not None:
         wanted = {"classification": "classification", "multiple-choice": "multiple_choice", "sft": "sft"}.get(task)
         if wanted and wanted != data.kind:
             raise ValueError(f"dataset {dataset!r} is a {data.kind.replace('_', '-')} task, not {task}; drop --task "
@@ -69,6 +64,18 @@ def load_task(dataset: str, text_column: str = "text", label_column: str = "labe
     else:
         raise ValueError(f"dataset file {path} must end in .csv or .jsonl")
     return _from_rows(path.stem, rows, **columns)
+
+
+def _builtin(dataset: str) -> TaskData | None:
+    if dataset == "rotten_tomatoes":
+        return rotten_tomatoes()
+    if dataset in BIGBENCH_TASKS:
+        return bigbench(dataset)
+    if dataset.partition(":")[0] == "commonsense":
+        from .commonsense import commonsense_task  # (its 150k items are read only when asked for)
+
+        return commonsense_task(dataset)
+    return None
 
 
 def _hf_rows(source: str, hub: bool) -> list[dict]:
