@@ -20,7 +20,7 @@ from .tasks import SPLIT_SEED, TaskData
 
 TASK_DATA = Path(__file__).parent / "task_data"
 BIGBENCH_TASKS = ("social_iqa", "strategyqa")
-BUILTIN = ("rotten_tomatoes",) + BIGBENCH_TASKS
+BUILTIN = ("rotten_tomatoes",) + BIGBENCH_TASKS + ("commonsense", "commonsense:<task>")
 
 # Rotten Tomatoes: reviews of one movie never straddle two splits.
 RT_VALIDATION, RT_TEST = 1000, 2000
