@@ -137,5 +137,5 @@ def test_gemma3_is_a_second_decoder_family_for_sft(method):
         assert not torch.allclose(unmerged, base, atol=1e-4)
         replora.merge(model)
         torch.testing.assert_close(model(**inputs).logits, unmerged, atol=2e-3, rtol=1e-3)
-    answer = generative.generate(model, tokenizer, [generative.prompt_ids(examples[0], tokenizer, 32)], 4, 1)
+    answer = generative.generate(model, tokenizer, [generative.prompt_of(generative.encode(examples[0], tokenizer, 32))], 4, 1)
     assert isinstance(answer[0], str)

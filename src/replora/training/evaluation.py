@@ -47,10 +47,10 @@ def _resolve(s: EvalSettings) -> tuple[str, Path | None, dict]:
     return model, folder, {}
 
 
-def _groups(examples: list[dict], dataset: str) -> dict[str, list[dict]]:
+def _by_task(examples: list[dict]) -> dict[str, list[dict]]:
     groups = defaultdict(list)
     for e in examples:
-        groups[e.get("task", dataset)].append(e)
+        groups[e["task"]].append(e)
     return groups
 
 
@@ -62,13 +62,17 @@ def evaluate_generative(s: EvalSettings) -> dict:
     model_name, adapter, run = _resolve(s)
     max_length = s.max_length or run.get("max_length", 256)
     task = load_task(s.dataset, task="sft")
-    test = [e if "task" in e else {**e, "task": task.name} for e in task.test]
-    test = capped_per_task(test, s.max_eval_examples, s.seed)
-    if s.scoring == "loglik" and not all("choices" in e for e in test):
+    test = [e if "task" in e else {**e, "task": task.name} for e in task.test]  # a user's data: one task
+    groups = _by_task(capped_per_task(test, s.max_eval_examples, s.seed))
+    if s.scoring == "loglik" and not all("choices" in e for examples in groups.values() for e in examples):
         raise ValueError(f"--scoring loglik needs items with choices (e.g. --dataset commonsense); {s.dataset!r} has "
                          "free-form answers: use --scoring generate")
-    out = Path(s.output) if s.output else (Path(s.adapter) if run else Path("runs") / "eval") / \
-        f"eval-{s.dataset.replace(':', '-')}-{s.scoring}-{Path(model_name).name if not run else 'adapter'}"
+    if s.output:
+        out = Path(s.output)
+    elif run:  # beside the run it scores
+        out = Path(s.adapter) / f"eval-{s.dataset.replace(':', '-')}-{s.scoring}-adapter"
+    else:
+        out = Path("runs") / "eval" / f"eval-{s.dataset.replace(':', '-')}-{s.scoring}-{Path(model_name).name}"
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} already holds an evaluation; choose another --output (nothing is overwritten)")
 
@@ -83,9 +87,9 @@ def evaluate_generative(s: EvalSettings) -> dict:
     model.eval()
     started = time.perf_counter()
     scores, samples = {}, {}
-    for name, examples in _groups(test, task.name).items():
+    for name, examples in groups.items():
         if s.scoring == "generate":
-            prompts = [generative.prompt_ids(e, tokenizer, max_length) for e in examples]
+            prompts = [generative.prompt_of(generative.encode(e, tokenizer, max_length)) for e in examples]
             answers = generative.generate(model, tokenizer, prompts, s.max_new_tokens, s.batch_size)
             right = [generative.is_correct(a, e) for a, e in zip(answers, examples)]
             samples[name] = [{"answer": a.strip(), "right": r} for a, r in zip(answers[:3], right[:3])]
@@ -99,7 +103,7 @@ def evaluate_generative(s: EvalSettings) -> dict:
     row = {
         "model": model_name, "adapter": str(adapter) if adapter else None, "method": run.get("method") or (
             read_adapter(adapter)[0].method if adapter else "base"),
-        "dataset": s.dataset, "scoring": s.scoring, "items_per_task": {k: len(v) for k, v in _groups(test, task.name).items()},
+        "dataset": s.dataset, "scoring": s.scoring, "items_per_task": {k: len(v) for k, v in groups.items()},
         "accuracy": scores, "average": statistics.fmean(scores.values()),
         "trainable_percent": 100 * trainable / base_total, "seed": s.seed, "max_length": max_length,
         "seconds": time.perf_counter() - started, "samples": samples,

@@ -154,10 +154,9 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     return texts
 
 
-def prompt_ids(example: dict, tokenizer, max_length: int) -> list[int]:
-    """The prompt's tokens as training saw them (cut from the left to leave room for an answer)."""
-    encoded = encode(example, tokenizer, max_length)
-    return [i for i, label in zip(encoded["input_ids"], encoded["labels"]) if label == IGNORE]
+def prompt_of(feature: dict) -> list[int]:
+    """An encoded example's prompt tokens, as training saw them (cut from the left to leave room for an answer)."""
+    return [i for i, label in zip(feature["input_ids"], feature["labels"]) if label == IGNORE]
 
 
 def normalize(text: str) -> str:

@@ -171,7 +171,8 @@ class Generative:
 
         result = {"test_loss": generative.mean_loss(model, loader, accelerator)}
         with accelerator.split_between_processes(list(range(len(examples)))) as mine:
-            prompts = [generative.prompt_ids(examples[i], self.tokenizer, self.s.max_length) for i in mine]
+            features = self.features[id(examples)]  # encoded once, in prepare()
+            prompts = [generative.prompt_of(features[i]) for i in mine]
             answers = generative.generate(accelerator.unwrap_model(model), self.tokenizer, prompts,
                                           self.s.max_new_tokens, self.s.eval_batch_size)
             scored = [(i, a, generative.is_correct(a, examples[i])) for i, a in zip(mine, answers)]
