@@ -11,8 +11,9 @@ from replora.methods import METHODS
 from replora.training import FULL
 from replora.training.cli import run_command
 
+from .experiments import GRIDS
+
 RESULTS = Path(__file__).parent / "results"  # the default output folders, wherever the command runs from
-GRID_NAMES = ("minilm-rt", "smollm2-siqa")
 
 
 def parse_lrs(values: list[str], methods: tuple[str, ...], defaults: dict) -> dict[str, tuple[float, ...]]:
@@ -35,7 +36,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     """sample-efficiency and ablations: a grid of training runs, resumable."""
     from . import experiments
 
-    grid = experiments.GRIDS[args.grid]
+    grid = GRIDS[args.grid]
     overrides = {k: v for k, v in {
         "model": args.model, "dataset": args.dataset, "epochs": args.epochs,
         "max_train_examples": args.max_train_examples, "max_eval_examples": args.max_eval_examples,
@@ -83,7 +84,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _grid_parser(sub, name: str, help_text: str, description: str) -> None:
     p = sub.add_parser(name, help=help_text, description=description)
-    p.add_argument("--grid", default="minilm-rt", choices=GRID_NAMES,
+    p.add_argument("--grid", default="minilm-rt", choices=tuple(GRIDS),
                    help="model, data and budget (default minilm-rt: MiniLM on Rotten Tomatoes)")
     p.add_argument("--output", help="results folder (default research/results/<grid>, shared by the grid's "
                                     "experiments); rerun to resume")
