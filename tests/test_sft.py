@@ -199,6 +199,7 @@ def test_every_method_runs_generatively(tmp_path, tiny_lm_folders, method):
                  "--epochs", "1", "--batch-size", "8", "--max-new-tokens", "2", "--output", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == method and metrics["steps"] == 3 and metrics["test_loss"] > 0
+    assert metrics["output"] == str(out)  # what `replora train` prints as the run folder
     assert (out / "adapter").is_dir() == (method != "full")
 
 

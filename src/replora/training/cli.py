@@ -48,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = settings_from(values)
     metrics = train(settings)
     print(summary([metrics]))
-    print(f"run folder: {settings.output_dir()}")
+    print(f"run folder: {metrics['output']}")  # (its name holds the model the task chose when none was given)
     return 0
 
 

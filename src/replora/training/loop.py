@@ -395,6 +395,7 @@ def train(settings: TrainSettings) -> dict:
             "wall_time_seconds": time.perf_counter() - started, "steps": state["step"],
             "train_examples": len(train_examples), "validation_examples": len(validation), "test_examples": len(test),
             "num_processes": accelerator.num_processes, "method": s.method, "model": s.model, "lr": s.lr,
+            "output": str(out),
             "dataset": task.name, "task": kind, "seed": s.seed, "fraction": s.fraction,
             "train_tokens": state.get("train_tokens", 0),
             "train_tokens_per_second": state.get("train_tokens", 0) / max(state["seconds"], 1e-9),
