@@ -65,15 +65,8 @@ class TrainSettings:
     adapter: dict = field(default_factory=dict, metadata={"help": "AdapterConfig options"})
 
     def validate(self) -> None:
-        positive = ("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_steps", "max_train_examples", "max_eval_examples"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _check_fields(self, counts=("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens"),
+                      optional_counts=("max_steps", "max_train_examples", "max_eval_examples"))
         if not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction!r}")
         if not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1:
@@ -84,10 +77,6 @@ class TrainSettings:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
-        for f in dataclasses.fields(self):
-            choices = _choices(f)
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         if self.method == FULL:
             if self.adapter:
                 raise ValueError(f"method 'full' (full fine-tuning) takes no adapter options, got {sorted(self.adapter)}")
@@ -140,15 +129,21 @@ class EvalSettings:
                                        "the run folder, or under runs/eval)", "eval")
 
     def validate(self) -> None:
-        for name in ("max_new_tokens", "batch_size"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("max_eval_examples", "max_length"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.scoring not in ("generate", "loglik"):
-            raise ValueError(f"scoring must be generate or loglik, got {self.scoring!r}")
+        _check_fields(self, counts=("max_new_tokens", "batch_size"), optional_counts=("max_eval_examples", "max_length"))
+
+
+def _check_fields(settings, counts: tuple[str, ...], optional_counts: tuple[str, ...]) -> None:
+    """Counts are positive integers (the optional ones may be None) and fields with choices hold one."""
+    for name in counts + optional_counts:
+        value = getattr(settings, name)
+        if value is None and name in optional_counts:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for f in dataclasses.fields(settings):
+        choices = _choices(f)
+        if choices and getattr(settings, f.name) not in choices:
+            raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(settings, f.name)!r}")
 
 
 @dataclass(frozen=True)
