@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .pretrained import rotten_tomatoes_csv
-from .tasks import SPLIT_SEED, TaskData
+from .tasks import KIND_OF_TASK, SPLIT_SEED, TASK_OF_KIND, TaskData
 
 TASK_DATA = Path(__file__).parent / "task_data"
 BIGBENCH_TASKS = ("social_iqa", "strategyqa")
@@ -33,9 +33,9 @@ def load_task(dataset: str, text_column: str = "text", label_column: str = "labe
     `task` (auto, classification, multiple-choice, sft) says how to read a user's rows."""
     data = _builtin(dataset)
     if data is not None:
-        wanted = {"classification": "classification", "multiple-choice": "multiple_choice", "sft": "sft"}.get(task)
+        wanted = KIND_OF_TASK.get(task)
         if wanted and wanted != data.kind:
-            raise ValueError(f"dataset {dataset!r} is a {data.kind.replace('_', '-')} task, not {task}; drop --task "
+            raise ValueError(f"dataset {dataset!r} is a {TASK_OF_KIND[data.kind]} task, not {task}; drop --task "
                              "or choose another dataset")
         return data
     columns = dict(text_column=text_column, label_column=label_column, choices_column=choices_column, task=task)

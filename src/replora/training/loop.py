@@ -26,6 +26,7 @@ from . import generative
 from .data import SPLIT_SEED, TaskData, capped, load_task, stratified_fraction
 from .pretrained import head_name, load_causal_lm, load_model
 from .settings import FULL, TrainSettings
+from .tasks import TASK_OF_KIND
 
 log = logging.getLogger("replora.training")
 
@@ -278,7 +279,7 @@ def train(settings: TrainSettings) -> dict:
         raise ValueError(f"batch_size {s.batch_size} (the global batch) must divide evenly among "
                          f"{accelerator.num_processes} processes")
     task = load_task(s.dataset, s.text_column, s.label_column, s.choices_column, s.task)
-    kind = "multiple-choice" if task.kind == "multiple_choice" else task.kind
+    kind = TASK_OF_KIND[task.kind]
     s = dataclasses.replace(s, model=s.model_name(kind), task=kind)  # recorded as run, defaults resolved
     out = s.output_dir()
     resume_from = _prepare_output(s, out)

@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SPLIT_SEED = 1234  # splits are fixed, whatever --seed a run uses
+# --task names (settings) and the TaskData kinds they read as
+KIND_OF_TASK = {"classification": "classification", "multiple-choice": "multiple_choice", "sft": "sft"}
+TASK_OF_KIND = {kind: task for task, kind in KIND_OF_TASK.items()}
 
 
 @dataclass
