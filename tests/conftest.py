@@ -41,6 +41,8 @@ class TinyModel:
             return {"input": torch.randn(batch, 5, 12, generator=g)}
         if self.name == "vit":
             return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+        if self.name == "convnet":
+            return {"pixel_values": torch.randn(batch, 3, 12, 12, generator=g)}
         ids = torch.randint(1, 100, (batch, 9), generator=g)
         mask = torch.ones_like(ids)
         mask[0, -3:] = 0  # padding in one row
@@ -104,6 +106,24 @@ def _sequential():
                          nn.Linear(12, 3))
 
 
+class ConvNet(nn.Module):
+    """A small CNN with every Conv2d an adapter must follow: a strided 3x3 stem, a dilated "same" conv with
+    reflect padding, a depthwise conv (groups > 1: never a target), a 1x1 conv without bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.dilated = nn.Conv2d(8, 8, 3, padding="same", dilation=2, padding_mode="reflect")
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pointwise = nn.Conv2d(8, 12, 1, bias=False)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, pixel_values):
+        x = torch.nn.functional.gelu(self.stem(pixel_values))
+        x = x + torch.nn.functional.gelu(self.dilated(x))
+        return self.head(self.pointwise(self.depthwise(x)).mean((2, 3)))
+
+
 PLAIN_MODELS = ("sequential", "plain")
 
 TINY_MODELS = {
@@ -115,6 +135,9 @@ TINY_MODELS = {
     # Plain PyTorch: every method must work there too (nothing but adapted layers enters the model).
     "sequential": TinyModel("sequential", _sequential, r"\d\.[02]", None),
     "plain": TinyModel("plain", PlainNet, None, ["head"]),
+    # nn.Conv2d targets (PEFT's conv layout) and nn.Embedding targets beside linear ones.
+    "convnet": TinyModel("convnet", ConvNet, ["stem", "dilated", "pointwise"], ["head"]),
+    "llama-embed": TinyModel("llama-embed", _llama, ["embed_tokens", "q_proj", "v_proj"], None),
 }
 
 # Every method, and every option of every method, at least once: a few chosen combinations, then a row

@@ -70,7 +70,8 @@ def test_config_changed_after_construction_is_checked_again_by_inject():
 @pytest.mark.parametrize("targets, message", [
     (["q_proj"], r"'q_proj': it matches no module\. Adaptable layers include: .*query"),
     (["attention"], "'attention': it names BertAttention modules; replora adapts nn.Linear"),
-    (r".*\.nothing_here", r"matches no nn.Linear or Conv1D layer; layers that exist include: bert\.encoder"),
+    (r".*\.nothing_here", r"matches no adaptable layer \(nn\.Linear, transformers Conv1D, nn\.Conv2d \(not grouped\) "
+                         r"and nn\.Embedding layers\); layers that exist include: bert\.embeddings\.word_embeddings"),
     (r"(unclosed", "does not compile"),
 ])
 def test_target_that_matches_nothing_lists_existing_layers(targets, message):

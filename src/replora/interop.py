@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .layer import SUPPORTED_LAYERS, AdaptedLayer
-from .model import adapted_layers, get_config, require_adapter, saved_modules, shared_modules, walk
+from .layer import AdaptedLayer
+from .model import adaptable_layers, adapted_layers, get_config, require_adapter, saved_modules, shared_modules
 from .saving import CONFIG_NAME, base_model_name, load_tensors, read_adapter_files, write_adapter_folder, write_folder
 from .version import __version__
 
@@ -31,7 +31,7 @@ PEFT_UNSUPPORTED = {"rank_pattern": {}, "alpha_pattern": {}, "layers_to_transfor
 def _shortest_suffixes(model: nn.Module, targets: list[str]) -> list[str]:
     """The shortest name suffixes that select exactly `targets` among the model's adaptable layers
     (["query", "value"] rather than every full path), as PEFT users and servers expect."""
-    layers = [n for n, m in walk(model) if isinstance(m, SUPPORTED_LAYERS + (AdaptedLayer,))]
+    layers = list(adaptable_layers(model))
     wanted = set(targets)
     for depth in range(1, max(n.count(".") for n in targets) + 2):
         suffixes = sorted({".".join(n.split(".")[-depth:]) for n in targets})
@@ -46,22 +46,26 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
     name = require_adapter(model, adapter_name)
     config = get_config(model, name)
     layers = {p: layer for p, layer in adapted_layers(model).items() if name in layer.lora}
-    kinds = {layer.fan_in_fan_out for layer in layers.values()}
+    kinds = {layer.fan_in_fan_out for layer in layers.values() if layer.kind in ("linear", "conv1d")}
     if len(kinds) > 1:
-        conv = sorted(p for p, layer in layers.items() if layer.fan_in_fan_out)[:2]
-        linear = sorted(p for p, layer in layers.items() if not layer.fan_in_fan_out)[:2]
+        conv = sorted(p for p, layer in layers.items() if layer.kind == "conv1d")[:2]
+        linear = sorted(p for p, layer in layers.items() if layer.kind == "linear")[:2]
         raise ValueError("PEFT cannot express this adapter: its targets mix transformers Conv1D layers "
                          f"({', '.join(conv)}) and nn.Linear layers ({', '.join(linear)}), but PEFT's "
                          "fan_in_fan_out is one flag per adapter; export an adapter whose targets are all of one kind")
+    odd = [p for p, layer in layers.items() if layer.kind == "conv2d" and (
+        set(layer.base_layer.dilation) != {1} or layer.base_layer.padding_mode != "zeros"
+        or type(layer.base_layer).forward is not nn.Conv2d.forward)]
+    if odd:
+        raise ValueError(f"PEFT cannot express this adapter: PEFT's Conv2d LoRA ignores the dilation and padding mode "
+                         f"of {', '.join(odd[:3])} (and any padding a Conv2d subclass adds in its forward), so it "
+                         "would compute another update; save it with replora.save_adapter, or merge it "
+                         "(replora.save_merged), or leave these layers out of target_modules")
     tensors = {}
     with torch.no_grad():
         for p, layer in layers.items():
             adapter = layer.lora[name]
-            A, B = adapter.factors()
-            tensors[f"{PEFT_PREFIX}{p}.lora_A.weight"] = A
-            tensors[f"{PEFT_PREFIX}{p}.lora_B.weight"] = B
-            if hasattr(adapter, "lora_magnitude"):  # DoRA-like: PEFT's use_dora
-                tensors[f"{PEFT_PREFIX}{p}.lora_magnitude_vector"] = adapter.lora_magnitude
+            tensors.update({f"{PEFT_PREFIX}{p}.{key}": t for key, t in _peft_tensors(layer, adapter).items()})
         saved = {p: m.copies[name] for p, m in saved_modules(model).items() if name in m.copies}
         for p, module in saved.items():
             for pname, param in module.named_parameters():
@@ -76,6 +80,23 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
     }
     meta = {"format": "pt", "exported_by": f"replora {__version__}", "replora_method": config.method}
     return write_adapter_folder(path, tensors, peft_config, meta)
+
+
+def _peft_tensors(layer: AdaptedLayer, adapter) -> dict[str, torch.Tensor]:
+    """One target's tensors in PEFT's names and shapes: a Conv2d's factors are convolution kernels
+    (A: (r, in_channels, kh, kw), B: (out, r, 1, 1)), an Embedding's are lora_embedding_A / _B."""
+    A, B = adapter.factors()
+    magnitude = getattr(adapter, "lora_magnitude", None)  # DoRA-like: PEFT's use_dora
+    if layer.kind == "embedding":
+        tensors = {"lora_embedding_A": A, "lora_embedding_B": B}
+    elif layer.kind == "conv2d":
+        tensors = {"lora_A.weight": A.reshape(A.shape[0], *layer.weight.shape[1:]), "lora_B.weight": B[:, :, None, None]}
+        magnitude = None if magnitude is None else magnitude.view(1, -1, 1, 1)
+    else:
+        tensors = {"lora_A.weight": A, "lora_B.weight": B}
+    if magnitude is not None:
+        tensors["lora_magnitude_vector"] = magnitude
+    return tensors
 
 
 def peft_task_type(model: nn.Module) -> str | None:
@@ -107,13 +128,46 @@ def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "
     renamed, file_keys = {}, {}
     for key, tensor in tensors.items():
         ours = _from_peft_key(key)
+        if ours.endswith((".lora_A", ".lora_B")) and tensor.dim() == 4:  # a Conv2d's kernels: (out, in) here
+            tensor = tensor.flatten(1)
+        elif ours.endswith(".lora_magnitude"):
+            tensor = tensor.flatten()  # (1, out, 1, 1) for a Conv2d
         renamed[ours], file_keys[ours] = tensor, key
-    return load_tensors(model, config, renamed, adapter_name, source=str(path), file_keys=file_keys)
+    tables = _embedding_tables(model, renamed, where)
+    load_tensors(model, config, renamed, adapter_name, source=str(path), file_keys=file_keys)
+    with torch.no_grad():
+        for module, table in tables:
+            module.weight.copy_(table)
+    return model
+
+
+def _embedding_tables(model: nn.Module, renamed: dict[str, torch.Tensor], where: Path) -> list:
+    """PEFT saves the whole table of a targeted embedding (`<path>.base_layer.weight`), for vocabularies
+    resized before training; taken out of `renamed`, checked, and returned as (embedding, table) to load
+    after the adapter (the same table as the model's, the usual case, changes nothing)."""
+    tables = []
+    for key in [k for k in renamed if k.endswith(".base_layer.weight")]:
+        path = key[: -len(".base_layer.weight")]
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue  # check_match names it as unexpected
+        module = getattr(module, "base_layer", module)
+        table = renamed.pop(key)
+        if not isinstance(module, nn.Embedding):
+            raise ValueError(f"{where}: the file holds base weights for {path}, which is not an embedding")
+        if table.shape != module.weight.shape:
+            raise ValueError(f"{where}: the adapter was trained with a {tuple(table.shape)} token table for {path}, "
+                             f"this model's is {tuple(module.weight.shape)}; resize the model's token embeddings "
+                             "(model.resize_token_embeddings) to match first")
+        tables.append((module, table))
+    return tables
 
 
 def _from_peft_key(key: str) -> str:
     key = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
     key = re.sub(r"\.lora_([AB])(?:\.[^.]+)?\.weight$", r".lora_\1", key)
+    key = re.sub(r"\.lora_embedding_([AB])(?:\.[^.]+)?$", r".lora_\1", key)
     return re.sub(r"\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$", ".lora_magnitude", key)
 
 

@@ -6,24 +6,41 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .methods import Method
 
-SUPPORTED_LAYERS = (nn.Linear, Conv1D)
+SUPPORTED_LAYERS = (nn.Linear, Conv1D, nn.Conv2d, nn.Embedding)
+LINEAR_LAYERS = (nn.Linear, Conv1D)  # what target_modules="all-linear" means
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why a layer of a supported type still cannot take an adapter, or None."""
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return (f"it is a grouped (depthwise) Conv2d, groups={module.groups}, whose update is not one low-rank "
+                "matrix; target the 1x1 (pointwise) convolutions around it instead")
+    return None
 
 
 class AdaptedLayer(nn.Module):
-    """Wraps a frozen nn.Linear or transformers Conv1D (GPT-2's, weight stored (in, out)) and adds
-    the active adapter's update: y = base(x) + s * B A dropout(x), or DoRA's rescaled version."""
+    """Wraps a frozen nn.Linear, transformers Conv1D (GPT-2's, weight stored (in, out)), nn.Conv2d or
+    nn.Embedding and adds the active adapter's update: y = base(x) + s * B A dropout(x), or DoRA's.
+
+    Every kind is seen as one (out, in) matrix W, so methods only ever produce (A: (r, in), B: (out, r)):
+    a Conv2d's in is in_channels * kh * kw (A is a conv with the layer's kernel, stride and padding, B a
+    1x1 conv: PEFT's layout), an Embedding maps a one-hot vocabulary (in) to its dimension (out)."""
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        rows, cols = base_layer.weight.shape
-        self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
+        self.kind = ("conv1d" if isinstance(base_layer, Conv1D) else "conv2d" if isinstance(base_layer, nn.Conv2d)
+                     else "embedding" if isinstance(base_layer, nn.Embedding) else "linear")
+        self.fan_in_fan_out = self.kind == "conv1d"
+        rows = base_layer.weight.shape[0]
+        cols = base_layer.weight[0].numel()
+        self.in_features, self.out_features = (cols, rows) if self.kind in ("linear", "conv2d") else (rows, cols)
         self.lora = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.merged_adapters: list[str] = []
@@ -36,12 +53,45 @@ class AdaptedLayer(nn.Module):
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
+        return getattr(self.base_layer, "bias", None)
 
     def base_weight(self) -> torch.Tensor:
         """W0 as (out, in), a view of the base layer's weight."""
         w = self.base_layer.weight
-        return w.T if self.fan_in_fan_out else w
+        if self.kind == "conv2d":
+            return w.flatten(1)
+        return w.T if self.kind in ("conv1d", "embedding") else w
+
+    # --- the kind's own operations on (out, in)-shaped matrices: what makes one forward serve all kinds ---
+    def apply_weight(self, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """x through the layer's own operation with weight W (rows, in) instead of W0, no bias: W x for a
+        Linear, the convolution with W's rows as kernels, the lookup of W's columns for an Embedding."""
+        base = self.base_layer
+        if self.kind == "conv2d":
+            kernels = W.view(W.shape[0], *base.weight.shape[1:])
+            padding = base.padding
+            if base.padding_mode != "zeros":
+                x, padding = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode), 0
+            static = getattr(base, "static_padding", None)  # "same"-padding subclasses (EfficientNet) pad in forward
+            if isinstance(static, nn.Module):
+                x = static(x)
+            return F.conv2d(x, kernels, None, base.stride, padding, base.dilation)
+        if self.kind == "embedding":
+            return F.embedding(x, W.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                               base.sparse)
+        return F.linear(x, W)
+
+    def expand(self, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """B (out, r) applied to the rank-r path h: a 1x1 convolution for Conv2d."""
+        return F.conv2d(h, B[:, :, None, None]) if self.kind == "conv2d" else F.linear(h, B)
+
+    def per_output(self, v: torch.Tensor) -> torch.Tensor:
+        """A vector over output features shaped to broadcast over the output (channels are dim 1 of a conv)."""
+        return v[:, None, None] if self.kind == "conv2d" else v
+
+    def lora_input(self, x: torch.Tensor, dropout: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        # An Embedding's input is token ids: no dropout, no cast (as PEFT).
+        return x if self.kind == "embedding" else dropout(x.to(dtype))
 
     def add_adapter(self, name: str, adapter: Method) -> None:
         self.lora[name] = adapter
@@ -59,7 +109,9 @@ class AdaptedLayer(nn.Module):
 
     def _store(self, W: torch.Tensor) -> torch.Tensor:
         """W (out, in) back in the base layer's layout and dtype."""
-        return (W.T if self.fan_in_fan_out else W).to(self.weight.dtype)
+        if self.kind == "conv2d":
+            return W.reshape(self.weight.shape).to(self.weight.dtype)
+        return (W.T if self.kind in ("conv1d", "embedding") else W).to(self.weight.dtype)
 
     @torch.no_grad()
     def merged_weight(self, name: str) -> torch.Tensor:
@@ -83,7 +135,8 @@ class AdaptedLayer(nn.Module):
             self.weight.copy_(self._store(adapter.unmerge(self._exact(self.base_weight()))))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, merged={self.merged_adapters}"
+        return (f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"merged={self.merged_adapters}")
 
 
 class SavedModule(nn.Module):

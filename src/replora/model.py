@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from .config import AdapterConfig
-from .layer import SUPPORTED_LAYERS, AdaptedLayer, SavedModule, SharedModules
+from .layer import LINEAR_LAYERS, SUPPORTED_LAYERS, AdaptedLayer, SavedModule, SharedModules, unsupported_reason
 from .methods import METHODS
 
 STATE_ATTR = "replora_state"  # a plain attribute of the root model (no module, no tensors): see AdapterState
@@ -82,7 +82,7 @@ def find_modules_to_save(model: nn.Module, config: AdapterConfig) -> dict[str, n
 def find_targets(model: nn.Module, config: AdapterConfig, to_save: dict | None = None) -> dict[str, nn.Module]:
     """The layers config.target_modules names, in model order, outside modules_to_save; a clear error
     if there are none."""
-    layers = {n: m for n, m in walk(model) if isinstance(m, SUPPORTED_LAYERS + (AdaptedLayer,))}
+    layers = adaptable_layers(model)
     to_save = find_modules_to_save(model, config) if to_save is None else to_save
     excluded = tuple(n + "." for n in to_save)
     layers = {n: m for n, m in layers.items() if not (n + ".").startswith(excluded)}
@@ -97,7 +97,8 @@ def find_targets(model: nn.Module, config: AdapterConfig, to_save: dict | None =
                              f"target_modules explicitly, e.g. to some of: {_some_names(_suffixes(layers))}")
     if spec == "all-linear":
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        hits = {n: m for n, m in layers.items() if output is None or not (m is output or getattr(m, "base_layer", None) is output)}
+        hits = {n: m for n, m in layers.items() if isinstance(getattr(m, "base_layer", m), LINEAR_LAYERS)
+                and (output is None or not (m is output or getattr(m, "base_layer", None) is output))}
     elif isinstance(spec, str):
         try:
             pattern = re.compile(spec)
@@ -108,15 +109,26 @@ def find_targets(model: nn.Module, config: AdapterConfig, to_save: dict | None =
         hits = {n: m for n, m in layers.items() if any(_matches_suffix(n, k) for k in spec)}
         for key in spec:
             if not any(_matches_suffix(n, key) for n in layers):
-                others = [n for n, _ in walk(model) if _matches_suffix(n, key)]
-                why = (f"it names {type(model.get_submodule(others[0])).__name__} modules; replora adapts "
-                       "nn.Linear and transformers Conv1D layers" if others else "it matches no module")
+                others = [model.get_submodule(n) for n, _ in walk(model) if _matches_suffix(n, key)]
+                reasons = [unsupported_reason(m) for m in others]
+                why = (reasons[0] if reasons and reasons[0] else
+                       f"it names {type(others[0]).__name__} modules; replora adapts {ADAPTABLE}" if others
+                       else "it matches no module")
                 raise ValueError(f"target_modules entry {key!r}: {why}. Adaptable layers include: "
                                  f"{_some_names(_suffixes(layers))}")
     if not hits:
-        raise ValueError(f"target_modules {spec!r} matches no nn.Linear or Conv1D layer; layers that exist "
+        raise ValueError(f"target_modules {spec!r} matches no adaptable layer ({ADAPTABLE}); layers that exist "
                          f"include: {_some_names(layers)}")
     return hits
+
+
+ADAPTABLE = "nn.Linear, transformers Conv1D, nn.Conv2d (not grouped) and nn.Embedding layers"
+
+
+def adaptable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """{path: layer} of the layers an adapter can target (adapted ones included), in model order."""
+    return {n: m for n, m in walk(model)
+            if isinstance(m, AdaptedLayer) or (isinstance(m, SUPPORTED_LAYERS) and unsupported_reason(m) is None)}
 
 
 def _suffixes(layers) -> list[str]:

@@ -94,16 +94,17 @@ class Method(nn.Module):
         A, B = self.factors()
         return (B * self.scaling) @ A
 
-    def update(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(s B A dropout(x), dropout(x), the factors used): the low-rank path every method shares."""
+    def update(self, x: torch.Tensor, layer: AdaptedLayer) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """(s B A dropout(x), dropout(x), the factors used): the low-rank path every method shares, through
+        the layer's own operation (a matmul, a convolution, an embedding lookup)."""
         A, B = self.factors()
         B = B * self.scaling  # (out, r): cheaper than scaling the (tokens, out) output
-        dropped = self.dropout(x.to(A.dtype))
-        return F.linear(F.linear(dropped, A), B), dropped, (A, B)
+        dropped = layer.lora_input(x, self.dropout, A.dtype)
+        return layer.expand(layer.apply_weight(dropped, A), B), dropped, (A, B)
 
     def forward(self, x: torch.Tensor, result: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         """The adapted layer's output, given its input x and the base layer's output `result`."""
-        return result + self.update(x)[0].to(result.dtype)
+        return result + self.update(x, layer)[0].to(result.dtype)
 
     def fold(self, W: torch.Tensor) -> torch.Tensor:
         """W (out, in, in merge precision) with this adapter folded in; changes nothing."""

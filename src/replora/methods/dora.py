@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .lora import LoRA
@@ -25,15 +24,15 @@ class DoRA(LoRA):
     def forward(self, x, result, layer):
         # y = m / ||W0 + sBA|| * (W0 x + sBA x) + b. The norm is detached from the graph, as DoRA §4.3
         # recommends (less memory, same update direction).
-        update, dropped, (A, B) = self.update(x)
+        update, dropped, (A, B) = self.update(x, layer)
         W0 = layer.base_weight()
         with torch.no_grad():
             norm = (W0 + B @ A).norm(dim=1)
-        scale = self.lora_magnitude / norm
-        if isinstance(self.dropout, nn.Identity) or not self.training:
-            base = result if layer.bias is None else result - layer.bias
+        scale = layer.per_output(self.lora_magnitude / norm)
+        if isinstance(self.dropout, nn.Identity) or not self.training or layer.kind == "embedding":
+            base = result if layer.bias is None else result - layer.per_output(layer.bias)
         else:
-            base = F.linear(dropped, W0)  # W0 dropout(x), as the update sees dropout(x)
+            base = layer.apply_weight(dropped, W0)  # W0 dropout(x), as the update sees dropout(x)
         return result + ((scale - 1) * base + scale * update).to(result.dtype)
 
     def fold(self, W):

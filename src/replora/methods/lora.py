@@ -13,8 +13,14 @@ class LoRA(Method):
 
     def __init__(self, config, layer):
         super().__init__(config)
-        self.lora_A = nn.Parameter(lora_A_init_(torch.empty(config.r, layer.in_features, **like(layer))))
-        self.lora_B = nn.Parameter(torch.zeros(layer.out_features, config.r, **like(layer)))
+        A = torch.empty(config.r, layer.in_features, **like(layer))
+        B = torch.zeros(layer.out_features, config.r, **like(layer))
+        if layer.kind == "embedding":
+            # A one-hot input would meet an A of scale 1/sqrt(vocabulary) and barely learn: PEFT's choice,
+            # A = 0 and B ~ N(0, 1) (still dW = 0 at init).
+            self.lora_A, self.lora_B = nn.Parameter(A.zero_()), nn.Parameter(nn.init.normal_(B))
+        else:
+            self.lora_A, self.lora_B = nn.Parameter(lora_A_init_(A)), nn.Parameter(B)
 
     def factors(self):
         return self.lora_A, self.lora_B
