@@ -1,5 +1,5 @@
 """Datasets for training: Rotten Tomatoes (default), BIG-bench social_iqa / strategyqa, and a user's
-CSV / JSON Lines file or Hugging Face dataset.
+CSV / JSON Lines file or Hugging Face dataset; images (CIFAR-10, a folder) come from images.py.
 
 Every example is a dict: {"text": str, "label": int} for classification,
 {"text": question, "choices": [str, ...], "label": index of the right choice} for multiple choice, or
@@ -15,12 +15,13 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+from .images import load_images
 from .pretrained import rotten_tomatoes_csv
 from .tasks import KIND_OF_TASK, SPLIT_SEED, TASK_OF_KIND, TaskData
 
 TASK_DATA = Path(__file__).parent / "task_data"
 BIGBENCH_TASKS = ("social_iqa", "strategyqa")
-BUILTIN = ("rotten_tomatoes",) + BIGBENCH_TASKS + ("commonsense", "commonsense:<task>")
+BUILTIN = ("rotten_tomatoes",) + BIGBENCH_TASKS + ("commonsense", "commonsense:<task>", "cifar10")
 
 # Rotten Tomatoes: reviews of one movie never straddle two splits.
 RT_VALIDATION, RT_TEST = 1000, 2000
@@ -35,8 +36,8 @@ def load_task(dataset: str, text_column: str = "text", label_column: str = "labe
     if data is not None:
         wanted = KIND_OF_TASK.get(task)
         if wanted and wanted != data.kind:
-            raise ValueError(f"dataset {dataset!r} is a {TASK_OF_KIND[data.kind]} task, not {task}; drop --task "
-                             "or choose another dataset")
+            what = "an image classification" if data.images else f"a {TASK_OF_KIND[data.kind]}"
+            raise ValueError(f"dataset {dataset!r} is {what} task, not {task}; drop --task or choose another dataset")
         return data
     columns = dict(text_column=text_column, label_column=label_column, choices_column=choices_column, task=task)
     if dataset.startswith("hf:"):
@@ -67,6 +68,10 @@ def load_task(dataset: str, text_column: str = "text", label_column: str = "labe
 
 
 def _builtin(dataset: str) -> TaskData | None:
+    """A built-in dataset, or a folder of images (training/images.py)."""
+    images = load_images(dataset)
+    if images is not None:
+        return images
     if dataset == "rotten_tomatoes":
         return rotten_tomatoes()
     if dataset in BIGBENCH_TASKS:

@@ -24,7 +24,8 @@ from ..model import count_parameters, inject
 from ..saving import load_adapter, save_adapter, write_folder
 from . import generative
 from .data import SPLIT_SEED, TaskData, capped, load_task, stratified_fraction
-from .pretrained import head_name, load_causal_lm, load_model
+from .images import open_image
+from .pretrained import head_name, load_causal_lm, load_image_classifier, load_model
 from .settings import FULL, TrainSettings
 from .tasks import TASK_OF_KIND
 
@@ -67,6 +68,17 @@ class Collator:
         return {**batch, "labels": labels, "choice_mask": mask}
 
 
+class ImageCollator:
+    """Decodes a list of image examples to RGB and makes pixel_values as the model's processor says."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, examples: list[dict]) -> dict:
+        pixels = self.processor(images=[open_image(e) for e in examples], return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixels, "labels": torch.tensor([e["label"] for e in examples])}
+
+
 def forward_logits(model, batch: dict) -> torch.Tensor:
     """Class logits (classification) or one score per choice, masked past each question's choices."""
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "choice_mask")}
@@ -75,6 +87,21 @@ def forward_logits(model, batch: dict) -> torch.Tensor:
     b, c = batch["choice_mask"].shape
     scores = model(**{k: v.view(b * c, -1) for k, v in inputs.items()}).logits.view(b, c)
     return scores.masked_fill(~batch["choice_mask"], torch.finfo(scores.dtype).min)
+
+
+def freeze_batch_norm_statistics(model) -> None:
+    """BatchNorm layers of a frozen base (EfficientNet) normalize with their pretrained statistics in
+    training too: in train mode they would update their running statistics, which no adapter file holds,
+    so the saved adapter on a fresh base would not give the trained model. (Full fine-tuning and
+    modules_to_save copies train theirs.)"""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters()):
+            module.register_forward_pre_hook(_eval_mode)
+
+
+def _eval_mode(module, args) -> None:
+    module.training = False
 
 
 def make_loader(examples, collate, batch_size: int, seed: int | None):
@@ -106,8 +133,13 @@ class ScoreHead:
 
     def __init__(self, s: TrainSettings, task: TaskData):
         self.s, self.task = s, task
-        self.model, self.tokenizer = load_model(s.model, task.num_labels)
-        self.collate = Collator(self.tokenizer, task.kind, s.max_length)
+        self.default_targets = None
+        if task.images:
+            self.model, processor, self.default_targets = load_image_classifier(s.model, task.num_labels, s.image_size)
+            self.collate = ImageCollator(processor)
+        else:
+            self.model, self.tokenizer = load_model(s.model, task.num_labels)
+            self.collate = Collator(self.tokenizer, task.kind, s.max_length)
         self.head = head_name(self.model)
         self.stats: dict = {}
 
@@ -280,7 +312,7 @@ def train(settings: TrainSettings) -> dict:
                          f"{accelerator.num_processes} processes")
     task = load_task(s.dataset, s.text_column, s.label_column, s.choices_column, s.task)
     kind = TASK_OF_KIND[task.kind]
-    s = dataclasses.replace(s, model=s.model_name(kind), task=kind)  # recorded as run, defaults resolved
+    s = dataclasses.replace(s, model=s.model_name(kind, task.images), task=kind)  # recorded as run, defaults resolved
     out = s.output_dir()
     resume_from = _prepare_output(s, out)
     train_examples = _training_examples(task, s)
@@ -294,8 +326,9 @@ def train(settings: TrainSettings) -> dict:
         config = None
         model.requires_grad_(True)
     else:
-        config = s.adapter_config(objective.head)
+        config = s.adapter_config(objective.head, getattr(objective, "default_targets", None))
         inject(model, config)
+        freeze_batch_norm_statistics(model)
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
@@ -354,20 +387,23 @@ def train(settings: TrainSettings) -> dict:
                     optimizer.zero_grad()
                 losses.append(loss.item())
                 seen += len(batch["labels"]) * accelerator.num_processes
-                tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+                if "attention_mask" in batch:  # (images have no tokens)
+                    tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
                 if accelerator.sync_gradients:
                     state["step"] += 1
                     progress.update(1)
                     elapsed = time.perf_counter() - epoch_start
                     progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}",
                                          ex_per_s=f"{seen / elapsed:.1f}", tok_per_s=f"{tokens / elapsed:.0f}")
+            train_seconds = max(time.perf_counter() - epoch_start, 1e-9)  # (throughput without validation)
             validation_metrics = objective.validate(model, val_loader, accelerator)
             state["epoch"] = epoch + 1
             state["seconds"] = time.perf_counter() - started
             state["train_tokens"] = state.get("train_tokens", 0) + tokens
             state["history"].append({"epoch": epoch + 1, "step": state["step"],
                                      "train_loss": sum(losses) / max(len(losses), 1), **validation_metrics,
-                                     "train_tokens_per_second": tokens / max(time.perf_counter() - epoch_start, 1e-9),
+                                     "train_examples_per_second": seen / train_seconds,
+                                     "train_tokens_per_second": tokens / train_seconds,
                                      "seconds": state["seconds"]})
             log.info("epoch %d: train loss %.4f, %s", epoch + 1, state["history"][-1]["train_loss"],
                      ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in validation_metrics.items()))

@@ -30,11 +30,14 @@ class TrainSettings:
     """Everything a run needs; adapter options (r, lora_alpha, replora_activation, ...) go in `adapter`."""
 
     model: str | None = setting(None, "minilm (packaged all-MiniLM-L6-v2), smollm2 (packaged SmolLM2-135M-Instruct), "
-                                      "gemma3-270m (packaged Gemma-3-270M, a decoder), a local transformers folder, "
-                                      "or a hub id (default: minilm; smollm2 for --task sft)", "run")
+                                      "gemma3-270m (packaged Gemma-3-270M, a decoder), dinov2-small (packaged DINOv2 "
+                                      "ViT-S/14) or efficientnet-lite0 (packaged, convolutional) for images, a local "
+                                      "transformers folder, or a hub id (default: minilm; smollm2 for --task sft; "
+                                      "dinov2-small for images)", "run")
     dataset: str = setting("rotten_tomatoes", "rotten_tomatoes, social_iqa, strategyqa (multiple choice), commonsense "
-                                              "or commonsense:<task> (generative), a .csv / .jsonl file, a saved "
-                                              "Hugging Face dataset folder, or hf:<hub id>", "run")
+                                              "or commonsense:<task> (generative), cifar10 (images), a .csv / .jsonl "
+                                              "file, a folder of images (one subfolder per class), a saved Hugging "
+                                              "Face dataset folder, or hf:<hub id>", "run")
     task: str = setting("auto", "classification, multiple-choice, or sft (generative: the loss on the response, "
                                 "answers read back by generation); auto: from the data (rows with prompt and response, "
                                 "or messages, are sft)", "run", TASKS)
@@ -61,12 +64,14 @@ class TrainSettings:
     text_column: str = setting("text", "your data's text (or question) column", "your data")
     label_column: str = setting("label", "your data's label column", "your data")
     choices_column: str | None = setting(None, "your data's choices column: makes the task multiple choice", "your data")
+    image_size: int | None = setting(None, "images: pixels a side the model sees (default: its processor's, 224 for "
+                                           "the packaged models); fewer train much faster on a CPU", "training")
     max_new_tokens: int = setting(32, "sft: the most tokens generated per test answer (greedy)", "training")
     adapter: dict = field(default_factory=dict, metadata={"help": "AdapterConfig options"})
 
     def validate(self) -> None:
         _check_fields(self, counts=("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens"),
-                      optional_counts=("max_steps", "max_train_examples", "max_eval_examples"))
+                      optional_counts=("max_steps", "max_train_examples", "max_eval_examples", "image_size"))
         if not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction!r}")
         if not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1:
@@ -83,16 +88,20 @@ class TrainSettings:
         else:
             self.adapter_config(head=None)  # adapter options are checked by AdapterConfig
 
-    def adapter_config(self, head: str | None) -> AdapterConfig:
+    def adapter_config(self, head: str | None, default_targets: list[str] | None = None) -> AdapterConfig:
         options = dict(self.adapter)
         if head is not None and "modules_to_save" not in options:
             options["modules_to_save"] = [head]  # the new classification head trains in full
+        if default_targets and "target_modules" not in options:
+            options["target_modules"] = default_targets  # a model without query/value projections (a CNN)
         return AdapterConfig(method=self.method, **options)
 
-    def model_name(self, task_kind: str | None = None) -> str:
+    def model_name(self, task_kind: str | None = None, images: bool = False) -> str:
         """The model to load: the one asked for, or the task's default."""
         if self.model is not None:
             return self.model
+        if images:
+            return "dinov2-small"
         return "smollm2" if (task_kind or self.task) == "sft" else "minilm"
 
     def output_dir(self) -> Path:

@@ -22,5 +22,10 @@ class TaskData:
     def num_labels(self) -> int:
         return len(self.label_names) if self.kind == "classification" else 1
 
+    @property
+    def images(self) -> bool:
+        """Image classification: examples hold an "image" (training/images.py) instead of text."""
+        return bool(self.train) and "image" in self.train[0]
+
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}

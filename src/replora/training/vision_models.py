@@ -22,6 +22,9 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 # stem's BatchNorm running statistics fit this scaling (variance ratio 1.2 on natural images; 6 with ImageNet's).
 LITE_MEAN = [127 / 255] * 3
 LITE_STD = [128 / 255] * 3
+# EfficientNet has no query/value projections: its adapters go on the 1x1 convolutions of every MBConv block
+# (expand and project; the depthwise convs are grouped, which a low-rank update cannot follow).
+EFFICIENTNET_TARGETS = ["_expand_conv", "_project_conv"]
 BICUBIC = 3  # PIL.Image.BICUBIC, without importing PIL here
 LEGACY_ATTENTION_NAMES = {"attention.attention.query": "attention.q_proj",
                           "attention.attention.key": "attention.k_proj",
