@@ -1,4 +1,5 @@
-"""Properties checked at random (hypothesis): layer shapes, ranks, alphas, dtypes, layer kinds and methods."""
+"""Properties checked at random (hypothesis): layer shapes, ranks, alphas, dtypes, layer kinds (Linear, Conv1D,
+Conv2d of random kernel, stride, padding and dilation) and methods."""
 from __future__ import annotations
 
 import tempfile
@@ -18,23 +19,25 @@ TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 5e-2}
 
 
 class Block(nn.Module):
-    def __init__(self, d_in, d_q, d_v, conv):
+    def __init__(self, d_in, d_q, d_v, kind, conv2d):
         super().__init__()
-        make = (lambda i, o: Conv1D(o, i)) if conv else (lambda i, o: nn.Linear(i, o))
+        make = {"linear": lambda i, o: nn.Linear(i, o), "conv1d": lambda i, o: Conv1D(o, i),
+                "conv2d": lambda i, o: nn.Conv2d(i, o, **conv2d)}[kind]
         self.q, self.v = make(d_in, d_q), make(d_in, d_v)
-        if conv:  # Conv1D starts with std 0.02 weights and zero bias; give it a real scale
+        self.channels = 1 if kind == "conv2d" else -1
+        if kind == "conv1d":  # Conv1D starts with std 0.02 weights and zero bias; give it a real scale
             for layer in (self.q, self.v):
                 nn.init.normal_(layer.weight, std=d_in ** -0.5)
                 nn.init.normal_(layer.bias, std=0.1)
 
     def forward(self, x):
-        return torch.cat([self.q(x), self.v(x)], dim=-1)
+        return torch.cat([self.q(x), self.v(x)], dim=self.channels)
 
 
 class Net(nn.Module):
-    def __init__(self, d_in, d_q, d_v, conv, dtype):
+    def __init__(self, d_in, d_q, d_v, kind, dtype, conv2d):
         super().__init__()
-        self.layers = nn.ModuleList([Block(d_in, d_q, d_v, conv)])
+        self.layers = nn.ModuleList([Block(d_in, d_q, d_v, kind, conv2d)])
         self.to(dtype)
 
     def forward(self, x):
@@ -43,14 +46,17 @@ class Net(nn.Module):
 
 cases = st.fixed_dictionaries({
     "d_in": st.integers(1, 24), "d_q": st.integers(1, 24), "d_v": st.integers(1, 24), "r": st.integers(1, 8),
-    "alpha": st.floats(0.25, 64), "conv": st.booleans(), "variant": st.sampled_from(sorted(METHOD_VARIANTS)),
+    "alpha": st.floats(0.25, 64), "kind": st.sampled_from(["linear", "conv1d", "conv2d"]),
+    "conv2d": st.fixed_dictionaries({"kernel_size": st.integers(1, 3), "stride": st.integers(1, 2),
+                                     "padding": st.integers(0, 1), "dilation": st.integers(1, 2)}),
+    "variant": st.sampled_from(sorted(METHOD_VARIANTS)),
     "dtype": st.sampled_from([torch.float32, torch.float64, torch.bfloat16]), "seed": st.integers(0, 2 ** 16),
 })
 
 
 def build(case):
     torch.manual_seed(case["seed"])
-    return Net(case["d_in"], case["d_q"], case["d_v"], case["conv"], case["dtype"]).eval()
+    return Net(case["d_in"], case["d_q"], case["d_v"], case["kind"], case["dtype"], case["conv2d"]).eval()
 
 
 def adapted(case):
@@ -66,7 +72,8 @@ def adapted(case):
 
 
 def inputs(case):
-    return torch.randn(3, case["d_in"], generator=torch.Generator().manual_seed(7)).to(case["dtype"])
+    shape = (3, case["d_in"], 7, 7) if case["kind"] == "conv2d" else (3, case["d_in"])
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(7)).to(case["dtype"])
 
 
 def dora_conditioning(model):
@@ -119,8 +126,8 @@ def test_save_then_load_is_exact(case):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cases.filter(lambda c: c["dtype"] != torch.bfloat16))
-def test_export_to_peft_gives_equal_outputs(case):
+@given(cases.filter(lambda c: c["dtype"] != torch.bfloat16 and (c["kind"] != "conv2d" or c["conv2d"]["dilation"] == 1)))
+def test_export_to_peft_gives_equal_outputs(case):  # (PEFT's Conv2d LoRA ignores dilation: export refuses it)
     from peft import PeftModel
 
     model = adapted(case)

@@ -47,13 +47,16 @@ def settings(model, dataset, out, **kwargs):
                          eval_batch_size=16, **kwargs)
 
 
-@pytest.mark.parametrize("method", list(replora.METHODS) + ["full"])
+@pytest.mark.parametrize("method", list(replora.METHODS) + ["full", "head"])
 def test_every_method_trains_dinov2_on_an_image_folder(vision_folders, digits, tmp_path, method):
     metrics = train(settings(vision_folders["dinov2"], digits, tmp_path / "run", method=method))
     assert metrics["task"] == "classification" and metrics["dataset"] == "digits"
     assert (metrics["train_examples"], metrics["validation_examples"], metrics["test_examples"]) == (100, 10, 10)
     assert 0 <= metrics["test_accuracy"] <= 1 and metrics["history"][0]["train_examples_per_second"] > 0
-    if method == "full":
+    if method == "head":  # a linear probe: the new head, (2 x 32 features: CLS and mean patch) x 10 + 10
+        assert metrics["trainable_parameters"] == 64 * 10 + 10 and metrics["adapter_config"] is None
+    if method in ("full", "head"):
+        assert not (tmp_path / "run" / "adapter").exists()
         return
     config = metrics["adapter_config"]
     # DINOv2's attention (transformers 5 names) gets the adapter; the new head trains in full.

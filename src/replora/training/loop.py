@@ -26,7 +26,7 @@ from . import generative
 from .data import SPLIT_SEED, TaskData, capped, load_task, stratified_fraction
 from .images import open_image
 from .pretrained import head_name, load_causal_lm, load_image_classifier, load_model
-from .settings import FULL, TrainSettings
+from .settings import FULL, HEAD, TrainSettings
 from .tasks import TASK_OF_KIND
 
 log = logging.getLogger("replora.training")
@@ -325,6 +325,14 @@ def train(settings: TrainSettings) -> dict:
     if s.method == FULL:
         config = None
         model.requires_grad_(True)
+    elif s.method == HEAD:
+        if objective.head is None:
+            raise ValueError(f"method 'head' trains the new classification head alone, but {s.model} has no "
+                             "'classifier' or 'score' head (generative runs have none); choose an adapter method")
+        config = None
+        model.requires_grad_(False)
+        getattr(model, objective.head).requires_grad_(True)
+        freeze_batch_norm_statistics(model)
     else:
         config = s.adapter_config(objective.head, getattr(objective, "default_targets", None))
         inject(model, config)
@@ -393,8 +401,10 @@ def train(settings: TrainSettings) -> dict:
                     state["step"] += 1
                     progress.update(1)
                     elapsed = time.perf_counter() - epoch_start
-                    progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}",
-                                         ex_per_s=f"{seen / elapsed:.1f}", tok_per_s=f"{tokens / elapsed:.0f}")
+                    postfix = dict(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", ex_per_s=f"{seen / elapsed:.1f}")
+                    if tokens:
+                        postfix["tok_per_s"] = f"{tokens / elapsed:.0f}"
+                    progress.set_postfix(**postfix)
             train_seconds = max(time.perf_counter() - epoch_start, 1e-9)  # (throughput without validation)
             validation_metrics = objective.validate(model, val_loader, accelerator)
             state["epoch"] = epoch + 1

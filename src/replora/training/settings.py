@@ -16,6 +16,8 @@ from ..config import AdapterConfig
 from ..methods import METHODS, method_options
 
 FULL = "full"  # full fine-tuning, the reference line of the experiments: no adapter, every weight trains
+HEAD = "head"  # a linear probe: no adapter, only the new classification head trains
+NO_ADAPTER = (FULL, HEAD)
 TASKS = ("auto", "classification", "multiple-choice", "sft")
 
 
@@ -41,8 +43,9 @@ class TrainSettings:
     task: str = setting("auto", "classification, multiple-choice, or sft (generative: the loss on the response, "
                                 "answers read back by generation); auto: from the data (rows with prompt and response, "
                                 "or messages, are sft)", "run", TASKS)
-    method: str = setting("lora", f"adapter method; {FULL} = full fine-tuning, no adapter", "run",
-                          lambda: tuple(METHODS) + (FULL,))  # read when asked: methods registered later count
+    method: str = setting("lora", f"adapter method; {FULL} = full fine-tuning, {HEAD} = the new head alone (a linear "
+                                  "probe); neither saves an adapter", "run",
+                          lambda: tuple(METHODS) + NO_ADAPTER)  # read when asked: methods registered later count
     fraction: float = setting(1.0, "train on this seeded, stratified fraction of the training split", "run")
     epochs: int = setting(2, "passes over the training data", "run")
     max_steps: int | None = setting(None, "stop after this many optimizer steps instead (overrides --epochs)", "run")
@@ -82,9 +85,10 @@ class TrainSettings:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
-        if self.method == FULL:
+        if self.method in NO_ADAPTER:
             if self.adapter:
-                raise ValueError(f"method 'full' (full fine-tuning) takes no adapter options, got {sorted(self.adapter)}")
+                raise ValueError(f"method {self.method!r} trains no adapter, so it takes no adapter options; got "
+                                 f"{sorted(self.adapter)}")
         else:
             self.adapter_config(head=None)  # adapter options are checked by AdapterConfig
 
