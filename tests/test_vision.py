@@ -133,3 +133,21 @@ def test_efficientnet_targets_its_pointwise_convolutions_by_default():
     model.train()
     model(pixel_values=x, labels=torch.tensor([0, 1])).loss.backward()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in statistics.items())
+
+
+def test_a_bad_image_folder_stops_the_command_line_with_one_line(vision_folders, tmp_path):
+    import subprocess
+
+    from PIL import Image
+
+    (tmp_path / "photos" / "cat").mkdir(parents=True)
+    Image.new("RGB", (9, 7), "red").save(tmp_path / "photos" / "cat" / "a.png")
+    (tmp_path / "photos" / "cat" / "notes.txt").write_text("not an image")
+    out = tmp_path / "run"
+    result = subprocess.run(REPLORA + ["train", "--dataset", str(tmp_path / "photos"), "--model",
+                                       vision_folders["dinov2"], "--output", str(out)],
+                            env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "one class" in result.stderr.lower() or "two classes" in result.stderr.lower(), result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2, result.stderr  # (a skipped-files warning may come first)
+    assert not out.exists()
