@@ -14,7 +14,7 @@ from transformers import (AutoModelForImageClassification, BitImageProcessor, Di
 import replora
 from replora.layer import AdaptedLayer
 from replora.training.loop import ImageCollator, freeze_batch_norm_statistics, train
-from replora.training.pretrained import load_image_classifier
+from replora.training.vision_models import load_image_classifier
 from replora.training.settings import TrainSettings
 from research.make_digits_folder import write_digits_folder
 

