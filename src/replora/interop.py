@@ -219,4 +219,6 @@ def save_merged(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
         raise TypeError(f"save_merged needs a transformers model (with save_pretrained), got {type(model).__name__}; "
                         "for a plain PyTorch model use replora.unload(model) and torch / safetensors directly")
     state_dict = merged_state_dict(model, adapter_name)
-    return write_folder(path, lambda folder: model.save_pretrained(folder, state_dict=state_dict, **kwargs))
+    # The class's method: the model's own save_pretrained writes the adapter alone (saving.AdapterSavePretrained).
+    save = type(model).save_pretrained
+    return write_folder(path, lambda folder: save(model, folder, state_dict=state_dict, **kwargs))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from contextlib import contextmanager
 
 from torch import nn
@@ -12,6 +13,7 @@ from .methods import METHODS
 
 STATE_ATTR = "replora_state"  # a plain attribute of the root model (no module, no tensors): see AdapterState
 SHARED_ATTR = "lora_shared"  # the SharedModules child of a model module that holds what its targets share
+SAVE_ATTR = "save_pretrained"  # on a transformers model: saving.AdapterSavePretrained, an attribute of the object
 
 # Tried in order when target_modules is None: the attention query/value projections of common families.
 DEFAULT_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("q_lin", "v_lin"),
@@ -20,8 +22,9 @@ DEFAULT_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("q_li
 
 class AdapterState:
     """What inject keeps on the root model, as a plain attribute: the adapters' configs, the active one,
-    and the requires_grad flags unload restores. Not a module, so the model's children, state_dict and
-    save_pretrained are untouched; only adapted layers (and RepLoRA's shared modules) enter the model."""
+    and the requires_grad flags unload restores. Not a module, so the model's children and state_dict are
+    untouched; only adapted layers (and RepLoRA's shared modules) enter the model. (A transformers model
+    also gets its own save_pretrained, which writes the adapter: see saving.AdapterSavePretrained.)"""
 
     def __init__(self):
         self.configs: dict[str, AdapterConfig] = {}
@@ -160,9 +163,23 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
         raise ValueError("this model already has a replora adapter; call replora.unload(model) first to start "
                          "again, replora.add_adapter(model, config, name) to add another, or "
                          "replora.load_adapter(model, path) to load weights into it")
+    transformers_model = _is_transformers_model(model)
+    if transformers_model:
+        from .saving import AdapterSavePretrained, patch_trainer  # here: saving.py imports this module
+
+        patch_trainer()  # Trainer learns to resume from adapter-only checkpoints: see there
     _add(model, config, adapter_name)
     set_adapter(model, adapter_name)
+    if transformers_model:
+        # From now on (until unload) the model's save_pretrained writes the adapter: Trainer and TRL, which
+        # save with it, write adapter-only checkpoints.
+        model.__dict__[SAVE_ATTR] = AdapterSavePretrained(model)
     return model
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    modeling = sys.modules.get("transformers.modeling_utils")  # loaded if `model` is a transformers model
+    return modeling is not None and isinstance(model, modeling.PreTrainedModel)
 
 
 def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str) -> nn.Module:
@@ -315,6 +332,11 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     for name in state.configs:
         _remove_shared(model, name)
     del model.__dict__[STATE_ATTR]
+    if SAVE_ATTR in model.__dict__:
+        from .saving import AdapterSavePretrained  # here: saving.py imports this module
+
+        if isinstance(model.__dict__[SAVE_ATTR], AdapterSavePretrained):
+            del model.__dict__[SAVE_ATTR]  # the class's save_pretrained again
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad_before.get(name, param.requires_grad))
     return model
