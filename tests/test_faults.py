@@ -63,7 +63,8 @@ def test_killed_while_writing_a_checkpoint_keeps_the_last_one_and_resumes(tmp_pa
     a, b = (json.loads((p / "metrics.json").read_text()) for p in (tmp_path / "whole", out))
     assert a["test_accuracy"] == b["test_accuracy"] and a["history"][-1]["train_loss"] == pytest.approx(
         b["history"][-1]["train_loss"], abs=1e-6)
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch-3", "latest"]
+    # The last checkpoint and the best adapter by validation it names (--keep best, the default).
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f"best-step-{b['best_step']}", "epoch-3", "latest"]
 
 
 def test_a_loss_that_becomes_nan_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, tiny_folders, monkeypatch, capsys):

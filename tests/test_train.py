@@ -157,8 +157,10 @@ def test_multiple_choice_trains_on_encoder_and_decoder(tmp_path, tiny_folders, m
 @pytest.mark.slow
 def test_two_processes_end_with_the_same_adapter_as_one(tmp_path, tiny_folders):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(80))  # 64 train rows: 4 full batches of 16
+    # --keep last: the adapter is the last step's, which the last checkpoint holds too (the best adapter on
+    # two processes is tested in test_budget.py).
     common = ["train", "--model", tiny_folders["bert"], "--dataset", str(data), "--method", "replora",
-              "--epochs", "2", "--batch-size", "16", "--seed", "3", "--lr", "5e-3"]
+              "--epochs", "2", "--batch-size", "16", "--seed", "3", "--lr", "5e-3", "--keep", "last"]
     one = run(common + ["--output", str(tmp_path / "one")], timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -199,7 +201,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_folders):
     a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
     b = load_file(out / "adapter" / "adapter_model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-3", "latest"]
+    # The last checkpoint and the best adapter by validation it names (--keep best, the default).
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"best-step-{cut['best_step']}", "epoch-3",
+                                                                        "latest"]
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, tiny_folders, capsys):

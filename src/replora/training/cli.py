@@ -40,7 +40,7 @@ def _add_flags(group, flags) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .loop import train
+    from .loop import run_notes, train
 
     values = read_settings_file(args.config) if args.config else {}
     known = train_flags() | adapter_flags()
@@ -48,6 +48,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = settings_from(values)
     metrics = train(settings)
     print(summary([metrics]))
+    for note in run_notes(metrics):  # the adapter kept, an early stop, a score still improving at the end
+        print(note)
     print(f"run folder: {metrics['output']}")  # (its name holds the model the task chose when none was given)
     return 0
 
@@ -77,8 +79,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     runs = []
     for method in args.methods:
+        # The demo's own budget, as its README figures were made: its epochs, the last step's adapter.
         settings = TrainSettings(method=method, epochs=args.epochs, max_train_examples=args.max_train_examples,
-                                 lr=args.lr, seed=args.seed, output=str(Path(args.output) / method), resume=True)
+                                 lr=args.lr, seed=args.seed, keep="last", output=str(Path(args.output) / method),
+                                 resume=True)
         runs.append(train(settings))
     print(f"\nMiniLM + Rotten Tomatoes, {args.max_train_examples} training snippets, {args.epochs} epochs, "
           f"lr {args.lr}, seed {args.seed}; test: {runs[0]['test_examples']} snippets of unseen movies")

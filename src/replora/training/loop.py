@@ -158,6 +158,8 @@ class ScoreHead:
         """(the batch's loss, how many units it counts: examples here, response tokens for sft)."""
         return torch.nn.functional.cross_entropy(forward_logits(model, batch).float(), batch["labels"]), len(batch["labels"])
 
+    score, higher_is_better = "validation_accuracy", True  # what picks the best adapter
+
     def validate(self, model, loader, accelerator) -> dict:
         return {"validation_accuracy": evaluate(model, loader, accelerator)}
 
@@ -196,6 +198,8 @@ class Generative:
 
     def loss(self, model, batch):
         return generative.response_loss(model, batch)
+
+    score, higher_is_better = "validation_loss", False
 
     def validate(self, model, loader, accelerator) -> dict:
         return {"validation_loss": generative.mean_loss(model, loader, accelerator)}
@@ -265,13 +269,29 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _prepare_output(s: TrainSettings, out: Path) -> Path | None:
-    """Check the output folder; return the checkpoint to resume from, if any."""
+# Settings a run folder's settings.json may lack (written before they existed), with the values that
+# reproduce what such a run did: resumed, it goes on as it began.
+LEGACY = {"min_steps": 0, "keep": "last", "eval_steps": None, "early_stopping_patience": None}
+
+
+def _saved_settings(s: TrainSettings, out: Path) -> dict | None:
     settings_file = out / "settings.json"
+    return json.loads(settings_file.read_text()) if s.resume and settings_file.is_file() else None
+
+
+def _as_begun(s: TrainSettings, saved: dict | None) -> TrainSettings:
+    """A resumed run keeps what it began with for the settings its settings.json does not name."""
+    if saved is None:
+        return s
+    return dataclasses.replace(s, **{k: v for k, v in LEGACY.items() if k not in saved})
+
+
+def _prepare_output(s: TrainSettings, out: Path, saved: dict | None) -> Path | None:
+    """Check the output folder; return the checkpoint to resume from, if any."""
     if s.resume:
-        if not settings_file.is_file():
+        if saved is None:
             return None  # nothing to resume: start fresh
-        saved = json.loads(settings_file.read_text())
+        saved = dict(saved)
         mine = {k: v for k, v in s.to_dict().items() if k != "resume"}
         saved.pop("resume", None)
         # A setting missing from the saved file is newer than the run: it had no say in it.
@@ -287,6 +307,79 @@ def _prepare_output(s: TrainSettings, out: Path) -> Path | None:
         raise ValueError(f"output folder {out} already holds a run; pass --resume to continue it, or choose "
                          "another --output (nothing there is overwritten)")
     return None
+
+
+# --- the best adapter by validation -------------------------------------------------------------
+
+BEST_PREFIX = "best-step-"
+
+
+class BestKeeper:
+    """Keeps the best adapter by validation so the run can end with it. An adapter run writes it, when
+    found, to checkpoints/best-step-N (a new folder, whole or absent: save_adapter); the checkpoints'
+    state names the current one, so a resumed run knows its best, and folders no checkpoint names are
+    removed once a newer checkpoint is whole. Only the main process writes; every process loads it back.
+    Full fine-tuning and --method head keep no checkpoints: each process holds a copy of the trained
+    tensors in memory instead."""
+
+    def __init__(self, checkpoints: Path, accelerator, on_disk: bool):
+        self.checkpoints, self.accelerator, self.on_disk = checkpoints, accelerator, on_disk
+        self.copy: dict | None = None
+
+    def save(self, model, step: int) -> str | None:
+        if not self.on_disk:
+            self.copy = {**{n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+                         **{n: b.detach().clone() for n, b in model.named_buffers()}}
+            return None
+        name = f"{BEST_PREFIX}{step}"
+        if self.accelerator.is_main_process:
+            if (self.checkpoints / name).exists():  # from a run killed before a checkpoint named it
+                shutil.rmtree(self.checkpoints / name)
+            save_adapter(model, self.checkpoints / name)
+        return name
+
+    def restore(self, model, best: dict) -> None:
+        if not self.on_disk:
+            model.load_state_dict(self.copy, strict=False)
+            return
+        self.accelerator.wait_for_everyone()  # the main process has written it
+        load_adapter(model, self.checkpoints / best["folder"])
+
+    def prune(self, current: str | None) -> None:
+        """Remove the best-step folders but the one the latest checkpoint names (main process only)."""
+        for folder in self.checkpoints.glob(f"{BEST_PREFIX}*"):
+            if folder.name != current:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _new_window() -> dict:
+    """What the training steps since the last validation add up to (kept in checkpoints, so a resumed
+    run reports the same train loss)."""
+    return {"loss_sum": 0.0, "batches": 0, "examples": 0, "tokens": 0, "seconds": 0.0}
+
+
+def run_notes(metrics: dict) -> list[str]:
+    """Lines for the end of a run (log.txt and the command line): which adapter was kept, an early stop,
+    and a validation score still improving at the end (more steps may help)."""
+    history = metrics.get("history") or []
+    if not history:
+        return []
+    score = next((k for k in ("validation_accuracy", "validation_loss") if k in history[-1]), None)
+    if score is None:
+        return []
+    name, last = score.replace("_", " "), history[-1]
+    notes = []
+    if metrics.get("kept") == "best" and metrics.get("best_step") not in (None, metrics["steps"]):
+        notes.append(f"kept the adapter of step {metrics['best_step']} of {metrics['steps']}, the best {name} "
+                     f"({metrics[score]:.4f}; the last step's: {last[score]:.4f})")
+    if metrics.get("stopped_early"):
+        notes.append(f"stopped early at step {metrics['steps']} of {metrics['planned_steps']}: no better {name} in "
+                     f"the last {metrics['early_stopping_patience']} validations")
+    if metrics.get("still_improving"):
+        trend = "falling" if score.endswith("loss") else "rising"
+        notes.append(f"{name} was still {trend} at the end ({history[-2][score]:.4f} -> {last[score]:.4f} at the "
+                     "last validation): more steps may help (--epochs, --max-steps or --min-steps)")
+    return notes
 
 
 def train(settings: TrainSettings) -> dict:
@@ -315,8 +408,13 @@ def train(settings: TrainSettings) -> dict:
     kind = TASK_OF_KIND[task.kind]
     s = dataclasses.replace(s, model=s.model_name(kind, task.images), task=kind)  # recorded as run, defaults resolved
     out = s.output_dir()
-    resume_from = _prepare_output(s, out)
+    saved = _saved_settings(s, out)
+    s = _as_begun(s, saved)
     train_examples = _training_examples(task, s)
+    steps_per_epoch = math.ceil(math.ceil(len(train_examples) / s.batch_size) / s.grad_accum)
+    if s.max_steps is None:  # the budget in passes, resolved and recorded: 2, or more for small data
+        s = dataclasses.replace(s, epochs=s.planned_epochs(steps_per_epoch))
+    resume_from = _prepare_output(s, out, saved)
     validation, test = capped(task.validation, s.max_eval_examples), capped(task.test, s.max_eval_examples)
 
     set_seed(s.seed)
@@ -341,14 +439,16 @@ def train(settings: TrainSettings) -> dict:
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    steps_per_epoch = math.ceil(math.ceil(len(train_examples) / s.batch_size) / s.grad_accum)
     total_steps = s.max_steps or steps_per_epoch * s.epochs
     epochs = math.ceil(total_steps / steps_per_epoch)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(s.warmup_ratio * total_steps), total_steps)
+    checkpoints = out / "checkpoints"
+    keeper = BestKeeper(checkpoints, accelerator, on_disk=config is not None)
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "settings.json", s.to_dict())
+        if saved is None:  # (a resumed run's settings are the saved ones: checked equal above)
+            _write_json(out / "settings.json", s.to_dict())
         handler = logging.FileHandler(out / "log.txt")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
@@ -358,9 +458,14 @@ def train(settings: TrainSettings) -> dict:
         if resume_from is not None and config is not None:
             state = _load_checkpoint(resume_from, model, optimizer, scheduler)
             log.info("resumed from %s (epoch %d, step %d)", resume_from, state["epoch"], state["step"])
+        for key, value in (("window", _new_window()), ("best", None), ("stale", 0), ("last_validation", None),
+                           ("stopped_early", False), ("train_tokens", 0)):
+            state.setdefault(key, value)  # (a checkpoint of an older release lacks them)
         log.info("%s on %s (%s): %d train / %d validation / %d test examples; %s; trainable %d of %d parameters; "
-                 "%d processes on %s", s.model, task.name, task.kind, len(train_examples), len(validation), len(test),
-                 s.method, trainable, total, accelerator.num_processes, accelerator.device)
+                 "%d processes on %s; %d steps (%d a pass), validation %s", s.model, task.name, task.kind,
+                 len(train_examples), len(validation), len(test), s.method, trainable, total,
+                 accelerator.num_processes, accelerator.device, total_steps, steps_per_epoch,
+                 f"every {s.eval_steps} steps" if s.eval_steps else "each pass")
         if cut := {k: v for k, v in objective.stats.items() if k.endswith("_cut")}:
             log.info("sequences longer than --max-length %d (prompts lose their start, responses their end): %s",
                      s.max_length, ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in cut.items()))
@@ -370,12 +475,46 @@ def train(settings: TrainSettings) -> dict:
         progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
                         desc=s.method, unit="step", dynamic_ncols=True)
         started = time.perf_counter() - state["seconds"]
+        tick = time.perf_counter()  # training time is counted from here to the next validation
+
+        def validate(epoch: int) -> None:
+            """Validate, record it in the history, keep the adapter if it is the best so far, and count
+            the validations without a better score (early stopping)."""
+            nonlocal tick
+            window = state["window"]
+            window["seconds"] += time.perf_counter() - tick
+            scores = objective.validate(model, val_loader, accelerator)  # (gathered: the same on every process)
+            seconds = max(window["seconds"], 1e-9)
+            state["history"].append({"epoch": epoch + 1, "step": state["step"],
+                                     "train_loss": window["loss_sum"] / max(window["batches"], 1), **scores,
+                                     "train_examples_per_second": window["examples"] / seconds,
+                                     "train_tokens_per_second": window["tokens"] / seconds,
+                                     "seconds": time.perf_counter() - started})
+            state["window"], state["last_validation"] = _new_window(), state["step"]
+            value, best = scores[objective.score], state["best"]
+            better = best is None or (value > best["value"] if objective.higher_is_better else value < best["value"])
+            if better:
+                folder = keeper.save(accelerator.unwrap_model(model), state["step"]) if s.keep == "best" else None
+                state["best"], state["stale"] = {"step": state["step"], "epoch": epoch + 1, "value": value,
+                                                 "folder": folder}, 0
+            else:
+                state["stale"] += 1
+            if s.early_stopping_patience and state["stale"] >= s.early_stopping_patience:
+                state["stopped_early"] = True
+            log.info("step %d (epoch %d): train loss %.4f, %s%s", state["step"], epoch + 1,
+                     state["history"][-1]["train_loss"],
+                     ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in scores.items()),
+                     " (best so far)" if better else f" ({state['stale']} without a better one)")
+            tick = time.perf_counter()
+
         model.train()
         for epoch in range(state["epoch"], epochs):
+            if state["step"] >= total_steps or state["stopped_early"]:
+                break
             loader = accelerator.prepare(objective.train_loader(train_examples, epoch))
-            losses, seen, tokens, epoch_start = [], 0, 0, time.perf_counter()
+            recent, seen, tokens, epoch_start = [], 0, 0, time.perf_counter()  # (for the progress bar)
             for batch in loader:
-                if state["step"] >= total_steps:
+                if state["step"] >= total_steps or state["stopped_early"]:
                     break
                 with accelerator.accumulate(model):
                     loss, units = objective.loss(model, batch)
@@ -394,32 +533,35 @@ def train(settings: TrainSettings) -> dict:
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
-                losses.append(loss.item())
-                seen += len(batch["labels"]) * accelerator.num_processes
+                window = state["window"]
+                window["loss_sum"] += loss.item()
+                window["batches"] += 1
+                recent = (recent + [loss.item()])[-20:]
+                examples = len(batch["labels"]) * accelerator.num_processes
+                window["examples"] += examples
+                seen += examples
                 if "attention_mask" in batch:  # (images have no tokens)
-                    tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+                    count = int(batch["attention_mask"].sum()) * accelerator.num_processes
+                    window["tokens"] += count
+                    tokens += count
+                    state["train_tokens"] += count
                 if accelerator.sync_gradients:
                     state["step"] += 1
                     progress.update(1)
                     elapsed = time.perf_counter() - epoch_start
-                    postfix = dict(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", ex_per_s=f"{seen / elapsed:.1f}")
+                    postfix = dict(loss=f"{sum(recent) / len(recent):.4f}", ex_per_s=f"{seen / elapsed:.1f}")
                     if tokens:
                         postfix["tok_per_s"] = f"{tokens / elapsed:.0f}"
                     progress.set_postfix(**postfix)
-            train_seconds = max(time.perf_counter() - epoch_start, 1e-9)  # (throughput without validation)
-            validation_metrics = objective.validate(model, val_loader, accelerator)
+                    if s.eval_steps and state["step"] % s.eval_steps == 0:
+                        validate(epoch)
+            # The end of a pass (or of the run): validate unless done at this step already, then checkpoint.
+            if state["last_validation"] != state["step"] and (s.eval_steps is None or state["step"] >= total_steps):
+                validate(epoch)
             state["epoch"] = epoch + 1
             state["seconds"] = time.perf_counter() - started
-            state["train_tokens"] = state.get("train_tokens", 0) + tokens
-            state["history"].append({"epoch": epoch + 1, "step": state["step"],
-                                     "train_loss": sum(losses) / max(len(losses), 1), **validation_metrics,
-                                     "train_examples_per_second": seen / train_seconds,
-                                     "train_tokens_per_second": tokens / train_seconds,
-                                     "seconds": state["seconds"]})
-            log.info("epoch %d: train loss %.4f, %s", epoch + 1, state["history"][-1]["train_loss"],
-                     ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in validation_metrics.items()))
+            state["window"]["seconds"] += time.perf_counter() - tick
             if accelerator.is_main_process and config is not None:  # (full fine-tuning keeps no checkpoints)
-                checkpoints = out / "checkpoints"
                 name = f"epoch-{epoch + 1}"
                 if (checkpoints / name).exists():  # a stale copy from a run killed before `latest` named it
                     shutil.rmtree(checkpoints / name)
@@ -431,22 +573,33 @@ def train(settings: TrainSettings) -> dict:
                 os.replace(tmp, latest)  # the new checkpoint counts only once it is whole
                 if previous and previous != name:
                     shutil.rmtree(checkpoints / previous, ignore_errors=True)
+                keeper.prune(state["best"]["folder"] if state["best"] else None)
             accelerator.wait_for_everyone()
-            if state["step"] >= total_steps:
-                break
+            tick = time.perf_counter()
         progress.close()
+        best = state["best"]
+        if s.keep == "best" and best is not None and best["step"] != state["step"]:
+            keeper.restore(accelerator.unwrap_model(model), best)  # (every process: all of them test it)
         test_metrics = objective.test(model, test_loader, test, accelerator)
-        last = state["history"][-1] if state["history"] else {}
+        history = state["history"]
+        tested = next((h for h in history if best and s.keep == "best" and h["step"] == best["step"]),
+                      history[-1] if history else {})
         metrics = {
-            **test_metrics, **{k: last.get(k) for k in last if k.startswith("validation_")},
-            "history": state["history"], "trainable_parameters": trainable, "total_parameters": total,
+            **test_metrics, **{k: tested.get(k) for k in tested if k.startswith("validation_")},
+            "history": history, "trainable_parameters": trainable, "total_parameters": total,
             "wall_time_seconds": time.perf_counter() - started, "steps": state["step"],
+            "planned_steps": total_steps, "epochs": s.epochs, "kept": s.keep, "adapter_step": tested.get("step"),
+            "best_step": best["step"] if best else None, "best_epoch": best["epoch"] if best else None,
+            "validations": len(history), "stopped_early": state["stopped_early"],
+            "early_stopping_patience": s.early_stopping_patience,
+            # The last validation is the best, and better than the one before: more steps may help.
+            "still_improving": bool(best and len(history) >= 2 and best["step"] == history[-1]["step"]),
             "train_examples": len(train_examples), "validation_examples": len(validation), "test_examples": len(test),
             "num_processes": accelerator.num_processes, "method": s.method, "model": s.model, "lr": s.lr,
             "output": str(out),
             "dataset": task.name, "task": kind, "seed": s.seed, "fraction": s.fraction,
-            "train_tokens": state.get("train_tokens", 0),
-            "train_tokens_per_second": state.get("train_tokens", 0) / max(state["seconds"], 1e-9),
+            "train_tokens": state["train_tokens"],
+            "train_tokens_per_second": state["train_tokens"] / max(state["seconds"], 1e-9),
             **{k: v for k, v in objective.stats.items() if k != "train"},
             "adapter_config": config.to_dict() if config else None,
         }
@@ -456,6 +609,8 @@ def train(settings: TrainSettings) -> dict:
             _write_json(out / "metrics.json", metrics)
             log.info("%s; wall time %.1f s", ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in test_metrics.items()),
                      metrics["wall_time_seconds"])
+            for note in run_notes(metrics):
+                log.info("%s", note)
         accelerator.wait_for_everyone()
     finally:  # a failed run (diverged, interrupted) must not leave its log file attached to the next run
         for handler in list(log.handlers):

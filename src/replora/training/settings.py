@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ FULL = "full"  # full fine-tuning, the reference line of the experiments: no ada
 HEAD = "head"  # a linear probe: no adapter, only the new classification head trains
 NO_ADAPTER = (FULL, HEAD)
 TASKS = ("auto", "classification", "multiple-choice", "sft")
+DEFAULT_EPOCHS = 2  # the default budget: 2 passes, or more for small data (min_steps)
 
 
 def setting(default: Any, help: str, group: str, choices=None, **kwargs):
@@ -47,8 +49,23 @@ class TrainSettings:
                                   "probe); neither saves an adapter", "run",
                           lambda: tuple(METHODS) + NO_ADAPTER)  # read when asked: methods registered later count
     fraction: float = setting(1.0, "train on this seeded, stratified fraction of the training split", "run")
-    epochs: int = setting(2, "passes over the training data", "run")
+    epochs: int | None = setting(None, "passes over the training data (default: 2, or more when 2 passes take "
+                                       "fewer than --min-steps optimizer steps)", "run")
+    min_steps: int = setting(300, "the default budget's floor: without --epochs or --max-steps a run makes whole passes "
+                                  "until it has taken at least this many optimizer steps, so small data trains long "
+                                  "enough (at batch 32, data under 4,800 examples gets more than 2 epochs); 0 keeps 2 "
+                                  "epochs whatever the size", "run")
     max_steps: int | None = setting(None, "stop after this many optimizer steps instead (overrides --epochs)", "run")
+    eval_steps: int | None = setting(None, "validate every this many optimizer steps and at the last one (default: "
+                                           "at the end of each epoch); each validation is a row of metrics.json's "
+                                           "history", "run")
+    keep: str = setting("best", "the adapter saved to <output>/adapter and tested: best = the best validation "
+                                "(accuracy; sft: loss) of all validations, last = the last step's. best by default, "
+                                "so that a budget long enough for small data cannot end on an over-trained adapter; "
+                                "only validation picks it, never test", "run", ("best", "last"))
+    early_stopping_patience: int | None = setting(None, "stop after this many validations in a row without a better "
+                                                        "score (default: off, the whole budget runs; --keep best "
+                                                        "keeps the best anyway)", "run")
     seed: int = setting(0, "seed of the head init, data order, dropout and --fraction", "run")
     output: str | None = setting(None, "run folder (default: runs/<dataset>-<model>-<method>-f<fraction>-s<seed>)", "run")
     resume: bool = setting(False, "continue the run in --output from its last checkpoint", "run")
@@ -73,8 +90,11 @@ class TrainSettings:
     adapter: dict = field(default_factory=dict, metadata={"help": "AdapterConfig options"})
 
     def validate(self) -> None:
-        _check_fields(self, counts=("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens"),
-                      optional_counts=("max_steps", "max_train_examples", "max_eval_examples", "image_size"))
+        _check_fields(self, counts=("batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens"),
+                      optional_counts=("epochs", "max_steps", "eval_steps", "early_stopping_patience",
+                                       "max_train_examples", "max_eval_examples", "image_size"))
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 0:
+            raise ValueError(f"min_steps must be an integer >= 0 (0 turns it off), got {self.min_steps!r}")
         if not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction!r}")
         if not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1:
@@ -107,6 +127,12 @@ class TrainSettings:
         if images:
             return "dinov2-small"
         return "smollm2" if (task_kind or self.task) == "sft" else "minilm"
+
+    def planned_epochs(self, steps_per_epoch: int) -> int:
+        """The passes of a run: --epochs, else the default budget (2 passes, more until --min-steps steps)."""
+        if self.epochs is not None:
+            return self.epochs
+        return max(DEFAULT_EPOCHS, math.ceil(self.min_steps / steps_per_epoch))
 
     def output_dir(self) -> Path:
         if self.output:
