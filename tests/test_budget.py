@@ -140,6 +140,30 @@ def test_keep_last_keeps_the_last_steps_adapter(tmp_path, tiny_folders, monkeypa
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-3", "latest"]  # no best kept on disk
 
 
+@pytest.mark.parametrize("method", ["head", "full"])
+def test_without_an_adapter_the_best_weights_are_kept_in_memory(tmp_path, tiny_folders, monkeypatch, method):
+    """--method head and full keep no checkpoints: the best weights are a copy in memory, put back for the test."""
+    data = split_rows(tmp_path)
+    scores, seen, tested = [0.5, 0.75, 0.625], [], []
+    weights = lambda model: {k: v.detach().clone() for k, v in model.state_dict().items()}  # noqa: E731
+
+    def validate(self, model, loader, accelerator):
+        seen.append(weights(accelerator.unwrap_model(model)))
+        return {"validation_accuracy": scores.pop(0)}
+
+    def test(self, model, loader, examples, accelerator):
+        tested.append(weights(accelerator.unwrap_model(model)))
+        return {"test_accuracy": 0.5}
+
+    monkeypatch.setattr(loop.ScoreHead, "validate", validate)
+    monkeypatch.setattr(loop.ScoreHead, "test", test)
+    out = tmp_path / "run"
+    assert main(["train", "--model", tiny_folders["bert"], "--dataset", str(data), "--batch-size", "8", "--epochs", "3",
+                 "--lr", "1e-2", "--method", method, "--output", str(out)]) == 0
+    assert read(out)["best_step"] == read(out)["adapter_step"] == 10 and not (out / "checkpoints").exists()
+    assert same(tested[0], seen[1]) and not same(seen[1], seen[2])
+
+
 def test_early_stopping_stops_after_patience_validations_without_a_better_one(tmp_path, tiny_folders, monkeypatch,
                                                                              capsys):
     data = split_rows(tmp_path)
