@@ -71,7 +71,7 @@ def test_config_changed_after_construction_is_checked_again_by_inject():
     (["q_proj"], r"'q_proj': it matches no module\. Adaptable layers include: .*query"),
     (["attention"], "'attention': it names BertAttention modules; replora adapts nn.Linear"),
     (r".*\.nothing_here", r"matches no adaptable layer \(nn\.Linear, transformers Conv1D, nn\.Conv2d \(not grouped\) "
-                         r"and nn\.Embedding layers\); layers that exist include: bert\.embeddings\.word_embeddings"),
+                         r"and nn\.Embedding layers\)\. Adaptable layers include: bert\.embeddings\.word_embeddings"),
     (r"(unclosed", "does not compile"),
 ])
 def test_target_that_matches_nothing_lists_existing_layers(targets, message):
@@ -192,3 +192,28 @@ def test_saving_again_replaces_files_and_keeps_other_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"], "a temporary folder was left behind"
     fresh = replora.load_adapter(BERT.build(), folder)
     assert torch.equal(outputs(fresh, BERT.inputs()), outputs(model, BERT.inputs()))
+
+
+def test_quantized_layers_are_named_by_their_full_class_and_no_empty_list_is_shown():
+    from torch import nn
+
+    model = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)),
+                                                   {nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(ValueError, match=r"'0': it names torch\.ao\.nn\.quantized\.dynamic\.[\w.]*Linear modules; "
+                                         r"replora adapts nn\.Linear.*This model has none \(quantized layers"):
+        replora.inject(model, replora.AdapterConfig(target_modules=["0"]))
+
+
+def test_set_adapter_with_a_list_is_refused_clearly():
+    model = replora.inject(BERT.build(), replora.AdapterConfig())
+    with pytest.raises(TypeError, match="give one adapter name, got \\['default'\\]: one replora adapter is active"):
+        replora.set_adapter(model, ["default"])
+    assert replora.active_adapter(model) == "default"
+
+
+def test_print_trainable_parameters_uses_peft_wording(capsys):
+    model = replora.inject(BERT.build(), replora.AdapterConfig(modules_to_save=["classifier"]))
+    trainable, total = replora.count_parameters(model)
+    replora.print_trainable_parameters(model)
+    assert capsys.readouterr().out == (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+                                       f"trainable%: {100 * trainable / total:.4f}\n")

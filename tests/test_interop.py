@@ -42,6 +42,8 @@ def test_export_loads_in_peft_with_equal_outputs(tiny, variant, tmp_path):
     assert config["fan_in_fan_out"] == (tiny.name == "gpt2")
     assert config["use_rslora"] == ("rslora" in variant)
     assert config["modules_to_save"] == tiny.modules_to_save
+    assert config["task_type"] == {"bert": "SEQ_CLS", "llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM",
+                                   "llama-embed": "CAUSAL_LM", "convnet": None}[tiny.name]
 
 
 @pytest.mark.parametrize("use_dora", [False, True])

@@ -8,11 +8,11 @@ from .config import AdapterConfig
 from .interop import export_peft, import_peft, merged_state_dict, save_merged
 from .methods import METHODS, Method, register_method
 from .model import (active_adapter, add_adapter, count_parameters, delete_adapter, disable_adapters, get_config,
-                    inject, merge, set_adapter, unload, unmerge)
+                    inject, merge, print_trainable_parameters, set_adapter, unload, unmerge)
 from .saving import load_adapter, read_adapter, save_adapter
 from .version import __version__
 
 __all__ = ["AdapterConfig", "inject", "merge", "unmerge", "unload", "save_adapter", "load_adapter",
-           "read_adapter", "count_parameters", "get_config", "add_adapter", "set_adapter", "active_adapter",
+           "read_adapter", "count_parameters", "print_trainable_parameters", "get_config", "add_adapter", "set_adapter", "active_adapter",
            "disable_adapters", "delete_adapter", "export_peft", "import_peft", "save_merged", "merged_state_dict",
            "METHODS", "Method", "register_method", "__version__"]

@@ -99,10 +99,17 @@ def _peft_tensors(layer: AdaptedLayer, adapter) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# PEFT's task types by the ending of a transformers class name; PEFT wraps the model for its task with them
+# (SEQ_CLS also trains the classifier, which an export lists in modules_to_save anyway).
+PEFT_TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+                   "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
+
+
 def peft_task_type(model: nn.Module) -> str | None:
-    """CAUSAL_LM for a decoder LM (so that AutoPeftModelForCausalLM loads the adapter), else none: PEFT's
-    other task types change what it loads (SEQ_CLS adds the classifier to modules_to_save itself)."""
-    return "CAUSAL_LM" if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")) else None
+    """The PEFT task_type of the model's class (so that e.g. AutoPeftModelForCausalLM loads the adapter), or
+    None for a class PEFT has no task for (a bare encoder, an image classifier, a plain nn.Module)."""
+    name = type(model).__name__
+    return next((task for ending, task in PEFT_TASK_TYPES.items() if name.endswith(ending)), None)
 
 
 def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:

@@ -115,14 +115,28 @@ def find_targets(model: nn.Module, config: AdapterConfig, to_save: dict | None =
                 others = [model.get_submodule(n) for n, _ in walk(model) if _matches_suffix(n, key)]
                 reasons = [unsupported_reason(m) for m in others]
                 why = (reasons[0] if reasons and reasons[0] else
-                       f"it names {type(others[0]).__name__} modules; replora adapts {ADAPTABLE}" if others
+                       f"it names {_kind_name(others[0])} modules; replora adapts {ADAPTABLE}" if others
                        else "it matches no module")
-                raise ValueError(f"target_modules entry {key!r}: {why}. Adaptable layers include: "
-                                 f"{_some_names(_suffixes(layers))}")
+                raise ValueError(f"target_modules entry {key!r}: {why}. {_adaptable_names(_suffixes(layers))}")
     if not hits:
-        raise ValueError(f"target_modules {spec!r} matches no adaptable layer ({ADAPTABLE}); layers that exist "
-                         f"include: {_some_names(layers)}")
+        raise ValueError(f"target_modules {spec!r} matches no adaptable layer ({ADAPTABLE}). "
+                         f"{_adaptable_names(layers)}")
     return hits
+
+
+def _adaptable_names(names) -> str:
+    names = list(names)
+    if not names:
+        return "This model has none (quantized layers must be dequantized first)"
+    return f"Adaptable layers include: {_some_names(names)}"
+
+
+def _kind_name(module: nn.Module) -> str:
+    """A module's class as a user can tell it apart: the full path when the short name is that of a layer
+    replora adapts (a quantized `Linear` is not an nn.Linear)."""
+    cls = type(module)
+    plain = {c.__name__ for c in SUPPORTED_LAYERS}
+    return f"{cls.__module__}.{cls.__qualname__}" if cls.__name__ in plain else cls.__name__
 
 
 ADAPTABLE = "nn.Linear, transformers Conv1D, nn.Conv2d (not grouped) and nn.Embedding layers"
@@ -148,6 +162,9 @@ def _require_state(model: nn.Module) -> AdapterState:
 def require_adapter(model: nn.Module, adapter_name: str | None) -> str:
     state = _require_state(model)
     name = state.active_adapter if adapter_name is None else adapter_name
+    if not isinstance(name, str):  # (PEFT's set_adapter takes a list of adapters to run together)
+        raise TypeError(f"give one adapter name, got {name!r}: one replora adapter is active at a time; to use "
+                        "several at once, merge each into the weights (replora.merge(model, name)) and activate the last")
     if name not in state.configs:
         raise ValueError(f"this model has no adapter named {name!r}; its adapters are {', '.join(map(repr, state.configs))}")
     return name
@@ -354,6 +371,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, each shared tensor counted once."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """PEFT's line: trainable params, all params (the frozen base, the adapter and the trained copies of
+    modules_to_save, each tensor once) and the trainable share."""
+    trainable, total = count_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}")
 
 
 def get_config(model: nn.Module, adapter_name: str | None = None) -> AdapterConfig:
