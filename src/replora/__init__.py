@@ -5,6 +5,7 @@ The library is this package's top level: methods/ (one file per method, and thei
 pipeline (data, pretrained models, training loop, CLI) is the `replora.training` subpackage.
 """
 from .config import AdapterConfig
+from .gguf import export_gguf
 from .interop import export_peft, import_peft, merged_state_dict, save_merged
 from .methods import METHODS, Method, register_method
 from .model import (active_adapter, add_adapter, count_parameters, delete_adapter, disable_adapters, get_config,
@@ -14,5 +15,5 @@ from .version import __version__
 
 __all__ = ["AdapterConfig", "inject", "merge", "unmerge", "unload", "save_adapter", "load_adapter",
            "read_adapter", "count_parameters", "print_trainable_parameters", "get_config", "add_adapter", "set_adapter", "active_adapter",
-           "disable_adapters", "delete_adapter", "export_peft", "import_peft", "save_merged", "merged_state_dict",
-           "METHODS", "Method", "register_method", "__version__"]
+           "disable_adapters", "delete_adapter", "export_peft", "export_gguf", "import_peft", "save_merged",
+           "merged_state_dict", "METHODS", "Method", "register_method", "__version__"]

@@ -100,6 +100,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    """An adapter (run folder or adapter folder) on its base model, written as a llama.cpp LoRA adapter GGUF."""
+    import torch
+
+    from ..gguf import export_gguf
+    from ..saving import load_adapter
+    from .evaluation import _resolve
+    from .pretrained import load_causal_lm
+
+    model_name, adapter, _ = _resolve(argparse.Namespace(adapter=args.adapter, model=args.model))
+    model, _ = load_causal_lm(model_name)
+    load_adapter(model, adapter)
+    print(f"written to {export_gguf(model, args.output, dtype=getattr(torch, args.dtype))}")
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     """Runs grouped by dataset, model and method: the test figure's mean ± std over their seeds, and wall time."""
     groups = defaultdict(list)
@@ -152,6 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
                                      "--max-eval-examples 100")
     _add_flags(evaluate, flags_of(EvalSettings).values())
     evaluate.set_defaults(func=cmd_eval)
+
+    gguf = sub.add_parser("export-gguf", help="write an adapter as a llama.cpp LoRA adapter (GGUF), LLaMA models",
+                          description="Write a trained adapter (any method but DoRA, reduced to LoRA factors) as a "
+                                      "llama.cpp LoRA adapter GGUF for its LLaMA-architecture base model (SmolLM2).",
+                          epilog="Example: replora export-gguf --adapter runs/sft-lora --output lora.gguf; then "
+                                 "llama-cli -m SmolLM2-135M-Instruct.Q4_1.gguf --lora lora.gguf")
+    gguf.add_argument("--adapter", required=True, help="a run folder (settings.json and adapter/) or an adapter folder")
+    gguf.add_argument("--output", required=True, help="the .gguf file to write (an existing file is replaced)")
+    gguf.add_argument("--model", help="the base model (default: the run's, or the adapter's base_model_name_or_path)")
+    gguf.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                      help="tensor type (default float32)")
+    gguf.set_defaults(func=cmd_export_gguf)
 
     summary_parser = sub.add_parser("summary", help="table of finished runs: accuracy mean ± std per method")
     summary_parser.add_argument("runs", nargs="+", help="run folders (each with a metrics.json)")
