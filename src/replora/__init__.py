@@ -14,6 +14,6 @@ from .saving import load_adapter, read_adapter, save_adapter
 from .version import __version__
 
 __all__ = ["AdapterConfig", "inject", "merge", "unmerge", "unload", "save_adapter", "load_adapter",
-           "read_adapter", "count_parameters", "print_trainable_parameters", "get_config", "add_adapter", "set_adapter", "active_adapter",
-           "disable_adapters", "delete_adapter", "export_peft", "export_gguf", "import_peft", "save_merged",
-           "merged_state_dict", "METHODS", "Method", "register_method", "__version__"]
+           "read_adapter", "count_parameters", "print_trainable_parameters", "get_config", "add_adapter",
+           "set_adapter", "active_adapter", "disable_adapters", "delete_adapter", "export_peft", "export_gguf",
+           "import_peft", "save_merged", "merged_state_dict", "METHODS", "Method", "register_method", "__version__"]

@@ -27,7 +27,7 @@ from .settings import EvalSettings
 log = logging.getLogger("replora.training")
 
 
-def _resolve(s: EvalSettings) -> tuple[str, Path | None, dict]:
+def model_and_adapter(s: EvalSettings) -> tuple[str, Path | None, dict]:
     """(model, adapter folder or None, the run's settings if `adapter` is a run folder)."""
     if s.adapter is None:
         if s.model is None:
@@ -59,7 +59,7 @@ def evaluate_generative(s: EvalSettings) -> dict:
     from .commonsense import candidate_responses, capped_per_task
 
     s.validate()
-    model_name, adapter, run = _resolve(s)
+    model_name, adapter, run = model_and_adapter(s)
     max_length = s.max_length or run.get("max_length", 256)
     task = load_task(s.dataset, task="sft")
     test = [e if "task" in e else {**e, "task": task.name} for e in task.test]  # a user's data: one task
