@@ -10,7 +10,7 @@ import pytest
 import replora
 from replora.config import AdapterConfig
 from replora.training.cli import build_parser, main
-from replora.training.settings import FULL, TrainSettings, settings_from
+from replora.training.settings import FULL, HEAD, TrainSettings, settings_from
 
 
 def train_actions():
@@ -49,7 +49,7 @@ def test_each_flags_stated_default_is_the_one_the_run_uses():
 
 def test_methods_and_their_options_come_from_the_registry():
     actions = train_actions()
-    assert tuple(actions["method"].choices) == tuple(replora.METHODS) + (FULL,)
+    assert tuple(actions["method"].choices) == tuple(replora.METHODS) + (FULL, HEAD)
     for method in replora.METHODS.values():
         for option, spec in method.options.items():
             assert actions[option].choices == spec.choices and spec.help in actions[option].help
