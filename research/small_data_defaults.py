@@ -154,7 +154,8 @@ def report(root: Path, datasets, seeds, lrs, runs: dict) -> str:
              "validation each pass, the best adapter by validation (`--keep best`), lr 1e-3. **lr search**: the best of "
              f"{', '.join(f'{lr:g}' for lr in lrs)} on validation, with the old budget and with the new one (the "
              "learning rates picked, per seed, in brackets). *majority*: always the training split's commonest "
-             "label.", "",
+             "label (multiple choice: answer position). *s / run*: wall time on 2 CPU cores shared with other "
+             "work, one thread, so only a rough guide.", "",
              "| data set | train rows | majority | old | new | lr search, old budget | lr search, new budget "
              "| steps old / new | s / run old / new | seeds |",
              "|---|---|---|---|---|---|---|---|---|---|"]
