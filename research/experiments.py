@@ -80,7 +80,8 @@ def run_one(runs: Path, grid: Grid, method: str, lr: float, fraction: float, see
     settings = TrainSettings(model=grid.model, dataset=grid.dataset, method=method, fraction=fraction, seed=seed,
                              lr=lr, epochs=grid.epochs, max_train_examples=grid.max_train_examples,
                              max_eval_examples=grid.max_eval_examples, max_length=grid.max_length,
-                             batch_size=grid.batch_size, output=str(out), resume=True, adapter=adapter)
+                             batch_size=grid.batch_size, output=str(out), resume=True, adapter=adapter,
+                             keep="last")  # the grids' protocol: the last step's adapter, as their results were made
     return train(settings)
 
 
