@@ -18,12 +18,14 @@ first. Writes runs.csv (one row per run) and small_data_defaults.md (the table) 
     python -m research.small_data_defaults                      # seed 0, every data set
     python -m research.small_data_defaults --seeds 0 1 2        # then seeds 1 and 2 (the defaults first)
     python -m research.small_data_defaults --seeds 0 1 2 --datasets rt-800
+    python -m research.small_data_defaults --datasets social_iqa --budgets old   # only the old budget's search
     python -m research.small_data_defaults --report-only        # the table from the runs finished so far
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -86,6 +88,18 @@ def plan(datasets, seeds, lrs) -> list[tuple[str, str, float, int]]:
     for seed in seeds[1:]:
         order += search(seed)
     return order
+
+
+def finished(root: Path, lrs) -> tuple[list[str], list[int], list[float], dict]:
+    """Every finished run under root/runs, whichever command made it, so that the table always covers the
+    whole grid: (data sets, seeds, learning rates, {(dataset, budget, lr, seed): metrics})."""
+    runs = {}
+    for file in sorted((root / "runs").glob("*/metrics.json")):
+        found = re.fullmatch(r"(.+)-(old|new)-lr([0-9.e+-]+)-s(\d+)", file.parent.name)
+        if found and found[1] in DATASETS:
+            runs[found[1], found[2], float(found[3]), int(found[4])] = json.loads(file.read_text())
+    datasets = [d for d in DATASETS if any(key[0] == d for key in runs)]
+    return datasets, sorted({key[3] for key in runs}), list(lrs), runs
 
 
 def majority(dataset: str) -> tuple[float, int]:
@@ -205,18 +219,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", choices=tuple(DATASETS), default=list(DATASETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--lrs", nargs="+", type=float, default=list(LRS))
+    parser.add_argument("--budgets", nargs="+", choices=tuple(BUDGETS), default=list(BUDGETS),
+                        help="run only these budgets (the table still reports every run already finished)")
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--report-only", action="store_true", help="only the table, from the runs finished so far")
     args = parser.parse_args(argv)
     root = Path(args.output)
     root.mkdir(parents=True, exist_ok=True)
-    runs = {}
     for key in plan(args.datasets, args.seeds, args.lrs):
-        m = run_one(root, *key, report_only=args.report_only)
-        if m is not None:
-            runs[key] = m
-            report(root, args.datasets, args.seeds, args.lrs, runs)  # the table grows as the runs finish
-    print(report(root, args.datasets, args.seeds, args.lrs, runs))
+        if not args.report_only and key[1] in args.budgets and run_one(root, *key) is not None:
+            print(report(root, *finished(root, args.lrs)))  # the table grows as the runs finish, every data set in it
+    print(report(root, *finished(root, args.lrs)))
     return 0
 
 
