@@ -1,8 +1,9 @@
 """replora: LoRA, DoRA, MoSLoRA and RepLoRA adapters for any PyTorch / transformers model.
 
 The library is this package's top level: methods/ (one file per method, and their registry), layer.py
-(the adapted layer), model.py (inject, merge, unload...), saving.py, interop.py (PEFT). The fine-tuning
-pipeline (data, pretrained models, training loop, CLI) is the `replora.training` subpackage.
+(the adapted layer), model.py (inject, merge, unload...), saving.py, trainer.py (transformers' Trainer and TRL),
+interop.py (PEFT). The fine-tuning pipeline (data, pretrained models, training loop, CLI) is the
+`replora.training` subpackage.
 """
 from .config import AdapterConfig
 from .gguf import export_gguf
@@ -11,6 +12,7 @@ from .methods import METHODS, Method, register_method
 from .model import (active_adapter, add_adapter, count_parameters, delete_adapter, disable_adapters, get_config,
                     inject, merge, print_trainable_parameters, set_adapter, unload, unmerge)
 from .saving import load_adapter, read_adapter, save_adapter
+from . import trainer  # noqa: F401  (imported for its effect: it sets inject's hooks for transformers models)
 from .version import __version__
 
 __all__ = ["AdapterConfig", "inject", "merge", "unmerge", "unload", "save_adapter", "load_adapter",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import sys
 from contextlib import contextmanager
+from typing import Callable
 
 from torch import nn
 
@@ -13,7 +14,6 @@ from .methods import METHODS
 
 STATE_ATTR = "replora_state"  # a plain attribute of the root model (no module, no tensors): see AdapterState
 SHARED_ATTR = "lora_shared"  # the SharedModules child of a model module that holds what its targets share
-SAVE_ATTR = "save_pretrained"  # on a transformers model: saving.AdapterSavePretrained, an attribute of the object
 
 # Tried in order when target_modules is None: the attention query/value projections of common families.
 DEFAULT_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("q_lin", "v_lin"),
@@ -24,12 +24,34 @@ class AdapterState:
     """What inject keeps on the root model, as a plain attribute: the adapters' configs, the active one,
     and the requires_grad flags unload restores. Not a module, so the model's children and state_dict are
     untouched; only adapted layers (and RepLoRA's shared modules) enter the model. (A transformers model
-    also gets its own save_pretrained, which writes the adapter: see saving.AdapterSavePretrained.)"""
+    also gets its own save_pretrained, which writes the adapter: see trainer.AdapterSavePretrained.)"""
 
     def __init__(self):
         self.configs: dict[str, AdapterConfig] = {}
         self.active_adapter: str | None = None
         self.requires_grad_before: dict[str, bool] = {}
+
+
+class TransformersHooks:
+    """What inject and unload also do to a transformers model: prepare() before inject touches the model,
+    attach(model) once it is adapted, detach(model) in unload. trainer.py sets them when it is imported (replora's
+    __init__ imports it): Trainer learns to resume from adapter-only checkpoints, and the model's save_pretrained
+    writes the adapter until unload. This module cannot import trainer.py, which builds on saving.py, which
+    builds on this module: so trainer.py registers itself here."""
+
+    def __init__(self):
+        self.prepare: Callable[[], None] = lambda: None
+        self.attach: Callable[[nn.Module], None] = lambda model: None
+        self.detach: Callable[[nn.Module], None] = lambda model: None
+
+
+TRANSFORMERS_HOOKS = TransformersHooks()
+
+
+def set_transformers_hooks(prepare: Callable[[], None], attach: Callable[[nn.Module], None],
+                           detach: Callable[[nn.Module], None]) -> None:
+    """Set what inject and unload also do to a transformers model (see TransformersHooks)."""
+    TRANSFORMERS_HOOKS.prepare, TRANSFORMERS_HOOKS.attach, TRANSFORMERS_HOOKS.detach = prepare, attach, detach
 
 
 def adapter_state(model: nn.Module) -> AdapterState | None:
@@ -182,15 +204,11 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
                          "replora.load_adapter(model, path) to load weights into it")
     transformers_model = _is_transformers_model(model)
     if transformers_model:
-        from .saving import AdapterSavePretrained, patch_trainer  # here: saving.py imports this module
-
-        patch_trainer()  # Trainer learns to resume from adapter-only checkpoints: see there
+        TRANSFORMERS_HOOKS.prepare()  # Trainer learns to resume from adapter-only checkpoints: see trainer.py
     _add(model, config, adapter_name)
     set_adapter(model, adapter_name)
     if transformers_model:
-        # From now on (until unload) the model's save_pretrained writes the adapter: Trainer and TRL, which
-        # save with it, write adapter-only checkpoints.
-        model.__dict__[SAVE_ATTR] = AdapterSavePretrained(model)
+        TRANSFORMERS_HOOKS.attach(model)  # until unload, save_pretrained (so Trainer and TRL) writes the adapter
     return model
 
 
@@ -349,11 +367,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     for name in state.configs:
         _remove_shared(model, name)
     del model.__dict__[STATE_ATTR]
-    if SAVE_ATTR in model.__dict__:
-        from .saving import AdapterSavePretrained  # here: saving.py imports this module
-
-        if isinstance(model.__dict__[SAVE_ATTR], AdapterSavePretrained):
-            del model.__dict__[SAVE_ATTR]  # the class's save_pretrained again
+    TRANSFORMERS_HOOKS.detach(model)  # the class's save_pretrained again
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad_before.get(name, param.requires_grad))
     return model

@@ -9,16 +9,13 @@ adapter_config.json says which layout (`replora_format`, version.ADAPTER_FORMAT)
 (replora 0.1, no such key: RepLoRA's tensors under `replora.groups.*` / `replora.generators.*`) load too.
 
 An adapted transformers model also saves and resumes this way under transformers' Trainer and TRL's trainers:
-see AdapterSavePretrained and patch_trainer.
+see trainer.py.
 """
 from __future__ import annotations
 
-import functools
-import importlib
 import json
 import os
 import tempfile
-import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -29,15 +26,12 @@ from torch import nn
 
 from .config import AdapterConfig
 from .methods import METHODS
-from .model import (active_adapter, adapted_layers, adapter_state, add_adapter, delete_adapter, get_config, inject,
-                    require_adapter, saved_modules, shared_modules, unload)
+from .model import (adapted_layers, adapter_state, add_adapter, delete_adapter, get_config, inject, require_adapter,
+                    saved_modules, shared_modules, unload)
 from .version import ADAPTER_FORMAT, __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-# What save_pretrained writes for a whole transformers model: a folder with one of these is not adapter-only.
-FULL_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                    "pytorch_model.bin.index.json")
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
@@ -100,100 +94,16 @@ def base_model_name(model: nn.Module) -> str | None:
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
     """Write an adapter (default: the active one) to the folder `path`."""
-    return _write_adapter(model, path, adapter_name, adapter_state_dict(model, adapter_name))
+    return write_adapter(model, path, adapter_name, adapter_state_dict(model, adapter_name))
 
 
-def _write_adapter(model: nn.Module, path, adapter_name: str | None, tensors: dict[str, torch.Tensor]) -> Path:
+def write_adapter(model: nn.Module, path, adapter_name: str | None, tensors: dict[str, torch.Tensor]) -> Path:
+    """save_adapter's folder for the adapter `adapter_name` (None: the active one), with these tensors."""
     config = get_config(model, adapter_name)
     payload = {**config.to_dict(), "replora_version": __version__, "replora_format": ADAPTER_FORMAT,
                "base_model_name_or_path": base_model_name(model)}
     meta = {"format": "pt", "replora_version": __version__, "replora_format": str(ADAPTER_FORMAT), "method": config.method}
     return write_adapter_folder(path, tensors, payload, meta)
-
-
-class AdapterSavePretrained:
-    """`model.save_pretrained` of a transformers model while it has a replora adapter. inject sets it as an
-    attribute of the model object (found before the class's method), unload removes it. It writes what
-    save_adapter writes (the active adapter, its modules_to_save included), so transformers' Trainer and TRL's
-    trainers, which save the model with save_pretrained in save_model and in every checkpoint, write
-    adapter-only folders, as they do for a PEFT model. The class's own method stays reachable as
-    `type(model).save_pretrained(model, ...)` (save_merged uses it).
-
-    The model is held weakly, so a deleted model is freed at once (no reference cycle); a deep copy of the
-    model gets one of its own, and a pickled model unpickles with one."""
-
-    def __init__(self, model: nn.Module):
-        self._model = weakref.ref(model)
-
-    def __call__(self, save_directory: str | os.PathLike, is_main_process: bool = True,
-                 state_dict: dict[str, torch.Tensor] | None = None, **kwargs) -> None:
-        if kwargs.get("push_to_hub"):
-            raise ValueError("save_pretrained(push_to_hub=True) is not supported for a model with a replora adapter; "
-                             "save it, then upload the folder (huggingface_hub.upload_folder)")
-        model = self._model()
-        if model is None:
-            raise ReferenceError("the model this save_pretrained belonged to no longer exists")
-        if not is_main_process:
-            return
-        tensors = adapter_state_dict(model)
-        if state_dict is not None:  # gathered by the caller (DeepSpeed ZeRO-3, FSDP): its values come first
-            names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-            tensors = {key: state_dict.get(names.get(id(p)), p) for key, p in tensors.items()}
-        _write_adapter(model, save_directory, None, tensors)
-
-    def __deepcopy__(self, memo):
-        model = self._model()
-        return type(self)(memo.get(id(model), model))  # deepcopy(model) registers the copy before its attributes
-
-    def __reduce__(self):
-        return type(self), (self._model(),)
-
-
-def patch_trainer() -> None:
-    """Let transformers' Trainer (and TRL's trainers, its subclasses) resume from, and load the best of, the
-    adapter-only checkpoints AdapterSavePretrained writes. Called by inject for transformers models.
-
-    Trainer loads a checkpoint's adapter files only for a PEFT model (`isinstance(model, PeftModel)`); for any
-    other model it looks for full weights (resume stops with "Can't find a checkpoint index", load_best_model_at_end
-    with a missing pytorch_model.bin), and it offers no hook to change that. So, once per process, its two
-    loading methods are wrapped: for a model with a replora adapter and a folder with an adapter and no full
-    weights, the wrapper calls load_adapter (into the active adapter); in every other case the original runs."""
-    try:
-        trainer = importlib.import_module("transformers.trainer")
-    except ImportError:  # no transformers, or Trainer's own dependencies (accelerate) missing: no Trainer to patch
-        return
-    cls = trainer.Trainer
-    if getattr(cls._load_from_checkpoint, "replora_patched", False):
-        return
-    resume, load_best = cls._load_from_checkpoint, cls._load_best_model
-
-    @functools.wraps(resume)
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if not load_checkpoint_adapter(self.model if model is None else model, resume_from_checkpoint):
-            resume(self, resume_from_checkpoint, model)
-
-    @functools.wraps(load_best)
-    def _load_best_model(self):
-        if getattr(self, "is_deepspeed_enabled", False) or not load_checkpoint_adapter(
-                self.model, self.state.best_model_checkpoint):
-            load_best(self)
-
-    _load_from_checkpoint.replora_patched = _load_best_model.replora_patched = True
-    cls._load_from_checkpoint, cls._load_best_model = _load_from_checkpoint, _load_best_model
-
-
-def load_checkpoint_adapter(model: nn.Module, folder: str | os.PathLike | None) -> bool:
-    """If `model` has a replora adapter and `folder` holds an adapter and no full weights, load the adapter into
-    the model's active adapter and return True; otherwise touch nothing and return False."""
-    if folder is None or adapter_state(model) is None:
-        return False
-    folder = Path(folder)
-    if not ((folder / CONFIG_NAME).is_file() or (folder / WEIGHTS_NAME).is_file()):
-        return False
-    if any((folder / name).exists() for name in FULL_MODEL_FILES):
-        return False
-    load_adapter(model, folder, active_adapter(model))
-    return True
 
 
 def read_json(file: Path) -> dict:
