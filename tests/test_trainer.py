@@ -235,3 +235,21 @@ def test_sft_trainer_saves_adapters_and_resumes(tiny_lm_folders, tmp_path):
         torch.testing.assert_close(fresh(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
     with pytest.raises(TypeError, match="peft_type"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "final")
+
+
+def test_inject_reaches_the_trainer_glue_without_an_import_circle():
+    """model.py imports neither saving.py nor trainer.py, which build on it: trainer.py registers inject's and
+    unload's hooks for transformers models when replora is imported."""
+    import ast
+
+    import replora.model
+    import replora.trainer
+
+    tree = ast.parse(Path(replora.model.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not imported & {"saving", "trainer", "replora.saving", "replora.trainer"}, imported
+    hooks = replora.model.TRANSFORMERS_HOOKS
+    assert (hooks.prepare, hooks.attach, hooks.detach) == (replora.trainer.patch_trainer,
+                                                           replora.trainer.attach_save_pretrained,
+                                                           replora.trainer.detach_save_pretrained)
