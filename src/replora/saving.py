@@ -92,6 +92,19 @@ def base_model_name(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
 
+# PEFT's task types by the ending of a transformers class name. A saved adapter records its model's, as PEFT does,
+# so that replora.from_pretrained loads the base model with the right head (the same table as interop.py's).
+PEFT_TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+                   "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
+
+
+def task_type(model: nn.Module) -> str | None:
+    """The PEFT task_type of the model's class, or None for a class PEFT has no task for (a bare encoder, an
+    image classifier, a plain nn.Module)."""
+    name = type(model).__name__
+    return next((task for ending, task in PEFT_TASK_TYPES.items() if name.endswith(ending)), None)
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
     """Write an adapter (default: the active one) to the folder `path`."""
     return write_adapter(model, path, adapter_name, adapter_state_dict(model, adapter_name))
@@ -101,7 +114,7 @@ def write_adapter(model: nn.Module, path, adapter_name: str | None, tensors: dic
     """save_adapter's folder for the adapter `adapter_name` (None: the active one), with these tensors."""
     config = get_config(model, adapter_name)
     payload = {**config.to_dict(), "replora_version": __version__, "replora_format": ADAPTER_FORMAT,
-               "base_model_name_or_path": base_model_name(model)}
+               "base_model_name_or_path": base_model_name(model), "task_type": task_type(model)}
     meta = {"format": "pt", "replora_version": __version__, "replora_format": str(ADAPTER_FORMAT), "method": config.method}
     return write_adapter_folder(path, tensors, payload, meta)
 
@@ -141,6 +154,10 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torc
     return config, tensors
 
 
+# What adapter_config.json records beside the AdapterConfig: where and for what the adapter was made.
+RECORDS = ("replora_version", "base_model_name_or_path", "task_type")
+
+
 def _read(path) -> tuple[AdapterConfig, dict[str, torch.Tensor], int]:
     data, tensors = read_adapter_files(path)
     where = Path(path) / CONFIG_NAME
@@ -150,7 +167,7 @@ def _read(path) -> tuple[AdapterConfig, dict[str, torch.Tensor], int]:
     if layout not in range(1, ADAPTER_FORMAT + 1):
         raise ValueError(f"{where}: replora_format {layout!r} is newer than this replora ({__version__}) reads; "
                          "upgrade replora (pip install -U replora)")
-    data = {k: v for k, v in data.items() if k not in ("replora_version", "base_model_name_or_path")}
+    data = {k: v for k, v in data.items() if k not in RECORDS}
     try:
         config = AdapterConfig.from_dict(data)
     except ValueError as e:
