@@ -15,7 +15,18 @@ from .saving import load_adapter, read_adapter, save_adapter
 from . import trainer  # noqa: F401  (imported for its effect: it sets inject's hooks for transformers models)
 from .version import __version__
 
+
+def __getattr__(name: str):
+    """replora.from_pretrained, imported on first use: it lives in training/ beside the packaged models it loads."""
+    if name == "from_pretrained":
+        from .training.adapted_model import from_pretrained
+
+        return from_pretrained
+    raise AttributeError(f"module 'replora' has no attribute {name!r}")
+
+
 __all__ = ["AdapterConfig", "inject", "merge", "unmerge", "unload", "save_adapter", "load_adapter",
-           "read_adapter", "count_parameters", "print_trainable_parameters", "get_config", "add_adapter",
-           "set_adapter", "active_adapter", "disable_adapters", "delete_adapter", "export_peft", "export_gguf",
-           "import_peft", "save_merged", "merged_state_dict", "METHODS", "Method", "register_method", "__version__"]
+           "read_adapter", "from_pretrained", "count_parameters", "print_trainable_parameters", "get_config",
+           "add_adapter", "set_adapter", "active_adapter", "disable_adapters", "delete_adapter", "export_peft",
+           "export_gguf", "import_peft", "save_merged", "merged_state_dict", "METHODS", "Method", "register_method",
+           "__version__"]
