@@ -254,14 +254,15 @@ def tiny_lm_folders(tmp_path_factory):
 REPLORA = [sys.executable, "-m", "replora"]
 
 
-def kill_once_checkpointed(args: list[str], out: Path, timeout: float = 240) -> None:
-    """Start `replora <args> --output out` and SIGKILL it as soon as its first checkpoint is whole."""
-    process = subprocess.Popen(REPLORA + args + ["--output", str(out)], env=ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+def kill_once_checkpointed(args: list[str], out: Path, timeout: float = 240, launcher: list[str] = REPLORA) -> None:
+    """Start `<launcher> <args> --output out` (default: replora) and SIGKILL it, with every process it
+    started (a launcher's workers), as soon as its first checkpoint is whole."""
+    process = subprocess.Popen(launcher + args + ["--output", str(out)], env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout
     while not (out / "checkpoints" / "latest").exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (out / "metrics.json").exists(), "the run ended before it could be killed"
 

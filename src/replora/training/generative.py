@@ -19,6 +19,8 @@ import string
 import torch
 import torch.nn.functional as F
 
+from .distributed import without_repeats
+
 IGNORE = -100  # label of the tokens the loss skips (prompt and padding)
 GROUP_CHUNK = 64  # batches sorted together when grouping by length
 
@@ -124,16 +126,19 @@ def mean_loss(model, loader, accelerator) -> float:
     model.eval()
     total = count = 0.0
     for batch in loader:
-        loss, n = response_loss(model, batch)
-        sums = accelerator.gather_for_metrics(torch.tensor([[loss.item() * n, n]], device=accelerator.device))
+        loss, n = response_loss(model, without_repeats(batch, accelerator))  # (rows repeated to even out a batch)
+        sums = accelerator.gather(torch.tensor([[loss.item() * n, n]], device=accelerator.device))
         total, count = total + sums[:, 0].sum().item(), count + sums[:, 1].sum().item()
     model.train()
     return total / max(count, 1)
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy continuations of tokenized prompts, batched (left padding, KV cache), decoded up to EOS."""
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+             synced: bool = False) -> list[str]:
+    """Greedy continuations of tokenized prompts, batched (left padding, KV cache), decoded up to EOS.
+    synced: the model is sharded (FSDP) and every process calls this with as many prompts: each batch runs
+    until all processes' are done."""
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
@@ -148,7 +153,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
             ids[r, width - len(prompts[i]):], mask[r, width - len(prompts[i]):] = torch.tensor(prompts[i]), 1
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad,
-                             eos_token_id=tokenizer.eos_token_id)
+                             eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
         for r, i in enumerate(rows):
             texts[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True)
     return texts

@@ -21,8 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..model import count_parameters, inject
-from ..saving import load_adapter, save_adapter, write_folder
+from ..saving import WEIGHTS_NAME, load_adapter, write_adapter, write_folder
 from . import generative
+from .distributed import (adapter_tensors, is_sharded, load_adapter_tensors, load_optimizer_state, make_accelerator,
+                          optimizer_state, without_repeats)
 from .data import SPLIT_SEED, TaskData, capped, load_task, stratified_fraction
 from .images import open_image
 from .pretrained import head_name, load_causal_lm, load_model
@@ -155,8 +157,12 @@ class ScoreHead:
         return make_loader(examples, self.collate, self.s.eval_batch_size, None)
 
     def loss(self, model, batch) -> tuple[torch.Tensor, int]:
-        """(the batch's loss, how many units it counts: examples here, response tokens for sft)."""
-        return torch.nn.functional.cross_entropy(forward_logits(model, batch).float(), batch["labels"]), len(batch["labels"])
+        """(the batch's mean loss, how many units it counts: examples here, response tokens for sft). Labels
+        of -100 count in neither (rows repeated to even out a last batch: distributed.without_repeats)."""
+        labels = batch["labels"]
+        count = int((labels != -100).sum())
+        loss = torch.nn.functional.cross_entropy(forward_logits(model, batch).float(), labels, reduction="sum")
+        return loss / max(count, 1), count
 
     score, higher_is_better = "validation_accuracy", True  # what picks the best adapter
 
@@ -208,13 +214,16 @@ class Generative:
         from accelerate.utils import gather_object
 
         result = {"test_loss": generative.mean_loss(model, loader, accelerator)}
-        with accelerator.split_between_processes(list(range(len(examples)))) as mine:
+        # Under FSDP every forward is a collective: each process gets as many prompts (the last repeated) and
+        # generation goes on in all of them until every one is done (synced_gpus).
+        sharded = is_sharded(accelerator)
+        with accelerator.split_between_processes(list(range(len(examples))), apply_padding=sharded) as mine:
             features = self.features[id(examples)]  # encoded once, in prepare()
             prompts = [generative.prompt_of(features[i]) for i in mine]
             answers = generative.generate(accelerator.unwrap_model(model), self.tokenizer, prompts,
-                                          self.s.max_new_tokens, self.s.eval_batch_size)
+                                          self.s.max_new_tokens, self.s.eval_batch_size, synced=sharded)
             scored = [(i, a, generative.is_correct(a, examples[i])) for i, a in zip(mine, answers)]
-        scored = sorted(gather_object(scored))
+        scored = sorted(dict((i, (i, a, ok)) for i, a, ok in gather_object(scored)).values())  # (repeats once)
         result["test_exact_match"] = sum(ok for _, _, ok in scored) / max(len(scored), 1)
         for i, answer, ok in scored[:5]:  # a sample, for the log
             log.info("test answer %s: %r -> %r", "right" if ok else "wrong",
@@ -225,9 +234,15 @@ class Generative:
 
 # --- checkpoints: safetensors + JSON only -------------------------------------------------------
 
-def _save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> None:
+def _checkpoint_contents(model, optimizer) -> tuple[dict, dict]:
+    """The adapter's and the optimizer's tensors, whole (every process calls this: under FSDP they are
+    gathered), for _save_checkpoint on the main process."""
+    return adapter_tensors(model), optimizer_state(optimizer)
+
+
+def _save_checkpoint(folder: Path, model, contents: tuple[dict, dict], scheduler, state: dict) -> None:
+    adapter, opt_state = contents
     tensors, groups = {}, []
-    opt_state = optimizer.state_dict()
     for index, values in opt_state["state"].items():
         for key, value in values.items():
             tensors[f"optimizer.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
@@ -239,14 +254,17 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> 
     payload = {**state, "optimizer_param_groups": groups, "scheduler": scheduler.state_dict()}
 
     def write(tmp: Path) -> None:
-        save_adapter(model, tmp / "adapter")
+        write_adapter(model, tmp / "adapter", None, adapter)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / "training_state.safetensors")
         (tmp / "trainer_state.json").write_text(json.dumps(payload, indent=2))
 
     write_folder(folder, write)
 
 
-def _load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
+def _load_checkpoint(folder: Path, model, scheduler) -> tuple[dict, dict]:
+    """Load a checkpoint's adapter (into the model before accelerator.prepare: FSDP shards what it finds),
+    scheduler and random state; return the run's state and the optimizer's, which load_optimizer_state
+    puts into the prepared optimizer (whose parameters FSDP replaces)."""
     load_adapter(model, folder / "adapter")
     tensors = load_file(folder / "training_state.safetensors")
     payload = json.loads((folder / "trainer_state.json").read_text())
@@ -255,12 +273,11 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
             opt_state["state"].setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict(opt_state)
     scheduler.load_state_dict(payload.pop("scheduler"))
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return payload
+    return payload, opt_state
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -332,10 +349,11 @@ class BestKeeper:
                          **{n: b.detach().clone() for n, b in model.named_buffers()}}
             return None
         name = f"{BEST_PREFIX}{step}"
+        tensors = adapter_tensors(model)  # (every process: gathered whole under FSDP)
         if self.accelerator.is_main_process:
             if (self.checkpoints / name).exists():  # from a run killed before a checkpoint named it
                 shutil.rmtree(self.checkpoints / name)
-            save_adapter(model, self.checkpoints / name)
+            write_adapter(model, self.checkpoints / name, None, tensors)
         return name
 
     def restore(self, model, best: dict) -> None:
@@ -343,7 +361,7 @@ class BestKeeper:
             model.load_state_dict(self.copy, strict=False)
             return
         self.accelerator.wait_for_everyone()  # the main process has written it
-        load_adapter(model, self.checkpoints / best["folder"])
+        load_adapter_tensors(model, load_file(self.checkpoints / best["folder"] / WEIGHTS_NAME))
 
     def prune(self, current: str | None) -> None:
         """Remove the best-step folders but the one the latest checkpoint names (main process only)."""
@@ -384,23 +402,13 @@ def run_notes(metrics: dict) -> list[str]:
 
 def train(settings: TrainSettings) -> dict:
     """Run one fine-tuning job; returns the metrics also written to <output>/metrics.json."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
     s = settings
     s.validate()
-    # Accelerate picks the device; on a machine with no accelerator it must be told so, or a torchrun /
-    # accelerate-launch run on CPUs would not form its gloo process group.
-    has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
-        hasattr(torch, "xpu") and torch.xpu.is_available())
-    # Accelerate keeps its settings (mixed precision, ...) in a process-wide singleton; a second train() in
-    # one process (experiments, notebooks) may ask for others. The process group itself is kept.
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(gradient_accumulation_steps=s.grad_accum, mixed_precision=s.mixed_precision,
-                              cpu=not has_accelerator, dataloader_config=DataLoaderConfiguration(split_batches=True))
+    accelerator = make_accelerator(s.grad_accum, s.mixed_precision)
     if s.batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size {s.batch_size} (the global batch) must divide evenly among "
                          f"{accelerator.num_processes} processes")
@@ -454,23 +462,27 @@ def train(settings: TrainSettings) -> dict:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     try:
-        state = {"epoch": 0, "step": 0, "history": [], "seconds": 0.0}
+        state, resumed_optimizer = {"epoch": 0, "step": 0, "history": [], "seconds": 0.0}, None
         if resume_from is not None and config is not None:
-            state = _load_checkpoint(resume_from, model, optimizer, scheduler)
+            state, resumed_optimizer = _load_checkpoint(resume_from, model, scheduler)
             log.info("resumed from %s (epoch %d, step %d)", resume_from, state["epoch"], state["step"])
         for key, value in (("window", _new_window()), ("best", None), ("stale", 0), ("last_validation", None),
                            ("stopped_early", False), ("train_tokens", 0)):
             state.setdefault(key, value)  # (a checkpoint of an older release lacks them)
         log.info("%s on %s (%s): %d train / %d validation / %d test examples; %s; trainable %d of %d parameters; "
-                 "%d processes on %s; %d steps (%d a pass), validation %s", s.model, task.name, task.kind,
+                 "%d processes on %s%s; %d steps (%d a pass), validation %s", s.model, task.name, task.kind,
                  len(train_examples), len(validation), len(test), s.method, trainable, total,
-                 accelerator.num_processes, accelerator.device, total_steps, steps_per_epoch,
+                 accelerator.num_processes, accelerator.device, " (FSDP)" if is_sharded(accelerator) else "",
+                 total_steps, steps_per_epoch,
                  f"every {s.eval_steps} steps" if s.eval_steps else "each pass")
         if cut := {k: v for k, v in objective.stats.items() if k.endswith("_cut")}:
             log.info("sequences longer than --max-length %d (prompts lose their start, responses their end): %s",
                      s.max_length, ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in cut.items()))
 
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        params = [p for p in model.parameters() if p.requires_grad]  # (FSDP replaces them with its sharded ones)
+        if resumed_optimizer is not None:
+            load_optimizer_state(optimizer, resumed_optimizer)
         val_loader, test_loader = accelerator.prepare(objective.eval_loader(validation), objective.eval_loader(test))
         progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
                         desc=s.method, unit="step", dynamic_ncols=True)
@@ -517,10 +529,11 @@ def train(settings: TrainSettings) -> dict:
                 if state["step"] >= total_steps or state["stopped_early"]:
                     break
                 with accelerator.accumulate(model):
-                    loss, units = objective.loss(model, batch)
-                    if kind == "sft" and accelerator.num_processes > 1:
-                        # Each process's loss is a mean over its own response tokens, and DDP averages the
-                        # processes: weigh each by its share of the global batch's tokens, as one process would.
+                    loss, units = objective.loss(model, without_repeats(batch, accelerator))
+                    if accelerator.num_processes > 1:
+                        # Each process's loss is a mean over its own examples (response tokens for sft), and the
+                        # processes' gradients are averaged: weigh each by its share of the global batch's, as
+                        # one process would (they differ in a last short batch, and in tokens for sft).
                         everyone = accelerator.reduce(torch.tensor([float(units)], device=accelerator.device), "sum")
                         loss = loss * units * accelerator.num_processes / max(everyone.item(), 1.0)
                     if not torch.isfinite(loss):
@@ -561,11 +574,12 @@ def train(settings: TrainSettings) -> dict:
             state["epoch"] = epoch + 1
             state["seconds"] = time.perf_counter() - started
             state["window"]["seconds"] += time.perf_counter() - tick
+            contents = _checkpoint_contents(accelerator.unwrap_model(model), optimizer) if config is not None else None  # (every process)
             if accelerator.is_main_process and config is not None:  # (full fine-tuning keeps no checkpoints)
                 name = f"epoch-{epoch + 1}"
                 if (checkpoints / name).exists():  # a stale copy from a run killed before `latest` named it
                     shutil.rmtree(checkpoints / name)
-                _save_checkpoint(checkpoints / name, accelerator.unwrap_model(model), optimizer, scheduler, state)
+                _save_checkpoint(checkpoints / name, accelerator.unwrap_model(model), contents, scheduler, state)
                 latest = checkpoints / "latest"
                 previous = latest.read_text().strip() if latest.is_file() else None
                 tmp = checkpoints / ".latest.tmp"
@@ -595,7 +609,8 @@ def train(settings: TrainSettings) -> dict:
             # The last validation is the best, and better than the one before: more steps may help.
             "still_improving": bool(best and len(history) >= 2 and best["step"] == history[-1]["step"]),
             "train_examples": len(train_examples), "validation_examples": len(validation), "test_examples": len(test),
-            "num_processes": accelerator.num_processes, "method": s.method, "model": s.model, "lr": s.lr,
+            "num_processes": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
+            "method": s.method, "model": s.model, "lr": s.lr,
             "output": str(out),
             "dataset": task.name, "task": kind, "seed": s.seed, "fraction": s.fraction,
             "train_tokens": state["train_tokens"],
@@ -603,9 +618,10 @@ def train(settings: TrainSettings) -> dict:
             **{k: v for k, v in objective.stats.items() if k != "train"},
             "adapter_config": config.to_dict() if config else None,
         }
+        final = adapter_tensors(accelerator.unwrap_model(model)) if config is not None else None  # (every process: gathered under FSDP)
         if accelerator.is_main_process:
             if config is not None:
-                save_adapter(accelerator.unwrap_model(model), out / "adapter")
+                write_adapter(accelerator.unwrap_model(model), out / "adapter", None, final)
             _write_json(out / "metrics.json", metrics)
             log.info("%s; wall time %.1f s", ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in test_metrics.items()),
                      metrics["wall_time_seconds"])
