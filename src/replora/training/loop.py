@@ -1,7 +1,8 @@
 """Fine-tuning: one function, `train(settings)`, behind `replora train`. Runs on one process or many
-under `accelerate launch` / `torchrun` (Accelerate; gloo on CPU, NCCL on GPU) with the global batch
-kept equal: each global batch is split across the processes, so the data order and the optimizer
-steps are the same whatever the number of processes.
+under `accelerate launch` / `torchrun` (Accelerate; gloo on CPU, NCCL on GPU; data-parallel, or FSDP
+with an accelerate FSDP config: distributed.py) with the global batch kept equal: each global batch is
+split across the processes, so the data order and the optimizer steps are the same whatever the number
+of processes.
 
 An output folder per run holds settings.json, metrics.json, log.txt, the final adapter (save_adapter
 format) and checkpoints/epoch-N (written atomically each epoch; `latest` names the newest).
