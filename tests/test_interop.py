@@ -62,6 +62,24 @@ def test_peft_adapter_imports_with_equal_outputs(tiny, use_dora, tmp_path):
     train_steps(model, tiny)  # and it trains on from there
 
 
+def test_peft_classifier_adapter_with_peft_s_own_modules_to_save_imports(tmp_path):
+    # PEFT's SEQ_CLS adds "classifier" and "score" to modules_to_save whichever the model has; it skips the other.
+    tiny = PEFT_MODELS["bert"]
+    torch.manual_seed(3)
+    peft_model = get_peft_model(tiny.build(), LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, init_lora_weights=False,
+                                                         target_modules=["query", "value"])).eval()
+    with torch.no_grad():  # the trained copy of the head differs from the base's
+        for name, param in peft_model.named_parameters():
+            if "modules_to_save.default" in name:
+                param.add_(torch.randn_like(param))
+    peft_model.save_pretrained(tmp_path / "peft")
+    assert set(json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["modules_to_save"]) >= {
+        "classifier", "score"}
+    model = replora.import_peft(tiny.build(), tmp_path / "peft")
+    assert replora.get_config(model).modules_to_save == ["classifier"]
+    torch.testing.assert_close(outputs(model, tiny.inputs()), outputs(peft_model, tiny.inputs()), **TIGHT)
+
+
 def test_merged_save_reloads_as_a_plain_transformers_model(tiny, variant, tmp_path):
     if tiny.name == "convnet":
         pytest.skip("a plain nn.Module has no save_pretrained (save_merged refuses it: test_errors.py)")

@@ -17,7 +17,8 @@ from torch import nn
 from .config import AdapterConfig
 from .layer import AdaptedLayer
 from .model import adaptable_layers, adapted_layers, get_config, require_adapter, saved_modules, shared_modules
-from .saving import CONFIG_NAME, base_model_name, load_tensors, read_adapter_files, write_adapter_folder, write_folder
+from .saving import (CONFIG_NAME, base_model_name, load_tensors, read_adapter_files, task_type, write_adapter_folder,
+                     write_folder)
 from .version import __version__
 
 PEFT_PREFIX = "base_model.model."
@@ -71,7 +72,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
             for pname, param in module.named_parameters():
                 tensors[f"{PEFT_PREFIX}{p}.{pname}"] = param
     peft_config = {
-        "peft_type": "LORA", "task_type": peft_task_type(model), "base_model_name_or_path": base_model_name(model),
+        "peft_type": "LORA", "task_type": task_type(model), "base_model_name_or_path": base_model_name(model),
         "r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora, "use_dora": any(k.endswith("lora_magnitude_vector") for k in tensors),
         "target_modules": _shortest_suffixes(model, list(layers)), "fan_in_fan_out": kinds == {True},
@@ -99,19 +100,6 @@ def _peft_tensors(layer: AdaptedLayer, adapter) -> dict[str, torch.Tensor]:
     return tensors
 
 
-# PEFT's task types by the ending of a transformers class name; PEFT wraps the model for its task with them
-# (SEQ_CLS also trains the classifier, which an export lists in modules_to_save anyway).
-PEFT_TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
-                   "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
-
-
-def peft_task_type(model: nn.Module) -> str | None:
-    """The PEFT task_type of the model's class (so that e.g. AutoPeftModelForCausalLM loads the adapter), or
-    None for a class PEFT has no task for (a bare encoder, an image classifier, a plain nn.Module)."""
-    name = type(model).__name__
-    return next((task for ending, task in PEFT_TASK_TYPES.items() if name.endswith(ending)), None)
-
-
 def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
     """Load a PEFT LoRA or DoRA adapter folder into `model` as a replora adapter (to continue training
     it here, or to compare). On any error the model is left as it was."""
@@ -125,11 +113,16 @@ def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "
         if value != default and value not in (None, {}, [], False):
             raise ValueError(f"{where}: option {option}={data[option]!r} has no replora equivalent; "
                              "replora imports LoRA/DoRA adapters with one rank and alpha for every target")
+    saved = data.get("modules_to_save")
+    if saved:  # PEFT lists both "classifier" and "score" for every SEQ_CLS adapter, and skips what a model lacks
+        names = [n for n, _ in model.named_modules()]
+        saved = [k for k in saved if any(n == k or n.endswith("." + k) for n in names)
+                 or any(f".{k}." in f".{key}" for key in tensors)] or None
     try:
         config = AdapterConfig(method="dora" if data.get("use_dora") else "lora", r=data["r"],
                                lora_alpha=data.get("lora_alpha", 8), lora_dropout=data.get("lora_dropout", 0.0),
                                target_modules=data.get("target_modules"), use_rslora=data.get("use_rslora", False),
-                               modules_to_save=data.get("modules_to_save"))
+                               modules_to_save=saved)
     except (KeyError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
     renamed, file_keys = {}, {}
@@ -226,6 +219,6 @@ def save_merged(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
         raise TypeError(f"save_merged needs a transformers model (with save_pretrained), got {type(model).__name__}; "
                         "for a plain PyTorch model use replora.unload(model) and torch / safetensors directly")
     state_dict = merged_state_dict(model, adapter_name)
-    # The class's method: the model's own save_pretrained writes the adapter alone (saving.AdapterSavePretrained).
+    # The class's method: the model's own save_pretrained writes the adapter alone (trainer.AdapterSavePretrained).
     save = type(model).save_pretrained
     return write_folder(path, lambda folder: save(model, folder, state_dict=state_dict, **kwargs))
