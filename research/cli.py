@@ -69,15 +69,31 @@ def cmd_theory(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchSettings, run_bench
+def parse_batch(value: str) -> tuple[int, int]:
+    """`--batches 4x32`: (examples, tokens each)."""
+    size, _, tokens = value.lower().partition("x")
+    try:
+        batch = int(size), int(tokens)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: give examples x tokens, e.g. 4x32") from None
+    if batch[0] < 1 or batch[1] < 2:
+        raise argparse.ArgumentTypeError(f"{value!r}: at least 1 example of 2 tokens")
+    return batch
 
-    overrides = {k: v for k, v in {"models": tuple(args.models) if args.models else None,
-                                   "ranks": tuple(args.ranks) if args.ranks else None, "rounds": args.rounds,
-                                   "steps": args.steps, "batch_size": args.batch_size,
-                                   "seq_len": args.seq_len, "min_time": args.min_time}.items() if v is not None}
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import QUICK, BenchSettings, run_bench
+
+    overrides = dict(QUICK) if args.quick else {}
+    overrides.update({k: v for k, v in {
+        "models": tuple(args.models) if args.models else None,
+        "batches": tuple(args.batches) if args.batches else None, "ranks": tuple(args.ranks) if args.ranks else None,
+        "rounds": args.rounds, "steps": args.steps, "min_time": args.min_time, "threads": args.threads,
+        "gen_tokens": args.gen_tokens, "generation": False if args.no_generation else None,
+        "compile": True if args.compile or args.compile_backend else None,
+        "compile_backend": args.compile_backend}.items() if v is not None})
     root = Path(args.output) if args.output else RESULTS / "bench"
-    print(run_bench(BenchSettings(**overrides), root))
+    print(run_bench(BenchSettings(**overrides).validate(), root))
     print(f"results in {root}")
     return 0
 
@@ -123,16 +139,31 @@ def build_parser() -> argparse.ArgumentParser:
     theory.add_argument("--lbfgs-steps", type=int, help="L-BFGS iterations per fit (default 150)")
     theory.set_defaults(func=cmd_theory)
 
-    bench = sub.add_parser("bench", help="training and inference speed and memory against Hugging Face PEFT",
-                           description="Every replora method against PEFT LoRA / DoRA, timed back to back in one "
-                                       "process; writes bench.json / .md / .png.")
+    bench = sub.add_parser("bench", help="training, decoding and memory against Hugging Face PEFT and the floor",
+                           description="Every replora method against PEFT LoRA / DoRA and against the frozen model's "
+                                       "own step (the floor), timed back to back in one process: training steps "
+                                       "(overhead above the floor, time, memory), greedy decoding on causal LMs, "
+                                       "and with --compile the same under torch.compile; writes bench.json / .md "
+                                       "/ .png. Default grid: minilm and smollm2 x batches 4x32 and 16x64 x r 8 "
+                                       "and 64, 15 rounds.")
+    bench.add_argument("--quick", action="store_true", help="a quick look: smollm2, batch 4x32, r = 8, 5 rounds "
+                       "(the options below override it)")
     bench.add_argument("--models", nargs="+", help="models to measure (default minilm smollm2; any --model value)")
-    bench.add_argument("--ranks", nargs="+", type=int, help="adapter ranks (default 8 16 64)")
-    bench.add_argument("--rounds", type=int, help="rounds of back-to-back pairs (default 15)")
-    bench.add_argument("--steps", type=int, help="timed steps per contender per round, at least (default 2)")
-    bench.add_argument("--batch-size", type=int, help="batch size (default 4)")
-    bench.add_argument("--seq-len", type=int, help="tokens per example (default 32)")
+    bench.add_argument("--batches", nargs="+", type=parse_batch, metavar="NxT",
+                       help="batches as examples x tokens (default 4x32 16x64)")
+    bench.add_argument("--ranks", nargs="+", type=int, help="adapter ranks (default 8 64)")
+    bench.add_argument("--rounds", type=int, help="rounds of back-to-back groups (default 15)")
+    bench.add_argument("--steps", type=int, help="timed calls per contender per timing, at least (default 1)")
     bench.add_argument("--min-time", type=float, help="seconds each timing spans at least (default 0.2)")
+    bench.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core); on a shared "
+                       "machine fewer threads than cores keep the timings from waiting on descheduled threads")
+    bench.add_argument("--gen-tokens", type=int, help="new tokens per prompt in greedy decoding (default 32; "
+                       "4 prompts of 32 tokens)")
+    bench.add_argument("--no-generation", action="store_true", help="skip greedy decoding on causal LMs")
+    bench.add_argument("--compile", action="store_true", help="also time the training steps under torch.compile "
+                       "against compiled PEFT (each model compiled: minutes per model on a CPU)")
+    bench.add_argument("--compile-backend", help="torch.compile backend for --compile (default inductor; implies "
+                       "--compile; eager / aot_eager trace without generating code, for diagnosis)")
     bench.add_argument("--output", help="folder for bench.json, bench.md, bench.png (default research/results/bench)")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -101,23 +101,129 @@ def test_theory_simulation_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_runs_on_a_tiny_model_in_seconds(tmp_path, tiny_folders):
-    args = ["bench", "--models", tiny_folders["bert"], "--ranks", "4", "--rounds", "2", "--steps", "1",
-            "--batch-size", "2", "--seq-len", "8", "--min-time", "0.01", "--output", str(tmp_path / "b")]
+def test_bench_runs_on_a_tiny_model_in_seconds(tmp_path, tiny_folders, tiny_lm_folders):
+    # A classifier (training + one forward pass) and a causal LM (training + greedy decoding).
+    args = ["bench", "--models", tiny_folders["bert"], tiny_lm_folders["plain"], "--batches", "2x8", "--ranks", "4",
+            "--rounds", "2", "--min-time", "0.01", "--threads", "1", "--gen-tokens", "3",
+            "--output", str(tmp_path / "b")]
     assert main(args) == 0
     results = json.loads((tmp_path / "b" / "bench.json").read_text())
-    train = results["models"][0]["ranks"]["4"]["train"]
-    # Every registered method is benchmarked, the four of the papers among them.
-    assert set(train) == {"peft-lora", "peft-dora"} | {f"replora-{m}" for m in METHODS}
-    assert {"replora-lora", "replora-dora", "replora-moslora", "replora-replora"} <= set(train)
-    assert all(v["peak_bytes"] > 0 and v["ratio"]["rounds"] == 2 for v in train.values())
-    assert train["replora-dora"]["reference"] == "peft-dora" and train["replora-replora"]["reference"] == "peft-lora"
-    assert train["peft-lora"]["memory_ratio"] == 1.0  # the control: the reference against itself
-    inference = results["models"][0]["ranks"]["4"]["inference"]
-    assert set(inference) == {"base", "peft-lora-unmerged", "replora-lora-merged", "replora-replora-merged",
-                              "replora-lora-unmerged", "replora-replora-unmerged"}
-    assert all(v["ratio"]["median"] > 0 and v["ratio"]["rounds"] == 2 for v in inference.values())
-    assert (tmp_path / "b" / "bench.png").stat().st_size > 1000 and "time ratio" in (tmp_path / "b" / "bench.md").read_text()
+    bert, lm = results["models"]
+    assert (bert["causal_lm"], lm["causal_lm"]) == (False, True)
+    for m in results["models"]:
+        (config,) = m["configs"]
+        assert config["batch"] == [2, 8] and config["r"] == 4
+        train = config["train"]
+        # Every registered method is benchmarked, the four of the papers among them.
+        assert set(train) == {"peft-lora", "peft-dora"} | {f"replora-{m}" for m in METHODS}
+        assert {"replora-lora", "replora-dora", "replora-moslora", "replora-replora"} <= set(train)
+        assert train["replora-dora"]["reference"] == "peft-dora" and train["replora-replora"]["reference"] == "peft-lora"
+        for v in train.values():
+            # Each round timed the contender, its reference and the floor: the raw times are kept.
+            assert len(v["times_s"]) == 2 and all(len(row) == 3 and min(row) > 0 for row in v["times_s"])
+            assert v["floor"] == "floor" and v["ratio"]["rounds"] == 2 and v["above_floor"]["rounds"] == 2
+            ratio = v["overhead_ratio"]
+            assert ratio["rounds"] + ratio["unresolved"] == 2
+            expected = sorted((t - f) / (r - f) for t, r, f in v["times_s"] if r > f)
+            if expected:  # the per-round ratios, summarized
+                assert ratio["q1"] <= ratio["median"] <= ratio["q3"] and expected[0] <= ratio["median"] <= expected[-1]
+            assert v["peak_bytes"] > 0
+        assert train["peft-lora"]["memory_ratio"] == 1.0  # the control: the reference against itself
+        assert train["replora-lora"]["memory_ratio"] == pytest.approx(1.0, abs=0.05)
+        floor = config["floor"]  # the frozen model's step: no adapter, no optimizer state
+        assert floor["median_s"] > 0 and floor["ratio"]["rounds"] == 2 and 0 < floor["memory_ratio"] < 1
+        assert "compiled" not in config
+    # The classifier's inference is one forward pass, the causal LM's greedy decoding.
+    inference = bert["configs"][0]["inference"]["rows"]
+    assert set(inference) == set(bench.INFER_REFERENCES) | {"base"}
+    assert inference["replora-lora-merged"]["reference"] == "base" and "overhead_ratio" not in inference["replora-lora-merged"]
+    assert bert["generation"] == [] and "inference" not in lm["configs"][0]
+    (generation,) = lm["generation"]
+    assert generation["r"] == 4 and generation["new_tokens"] == 3
+    rows = generation["rows"]
+    assert set(rows) == set(bench.INFER_REFERENCES) | {"base"}
+    assert all(v["tokens_per_s"] > 0 and v["ratio"]["rounds"] == 2 for v in rows.values())
+    assert rows["replora-replora"]["reference"] == "peft-lora" and len(rows["replora-replora"]["times_s"][0]) == 3
+    report = (tmp_path / "b" / "bench.md").read_text()
+    for text in ("floor (frozen model, no adapter)", "overhead ratio", "time ratio", "memory ratio",
+                 "Greedy decoding", "tokens/s", "inference (one forward pass)", "peft-lora (control)"):
+        assert text in report
+    assert (tmp_path / "b" / "bench.png").stat().st_size > 1000
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # layer 0: no input needs a gradient
+def test_bench_floor_reaches_every_adapted_layer_and_no_further():
+    """The floor's backward computes the gradient at every target's output (what an adapter needs), and not
+    the lowest targets' input gradients (what no adapter needs)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=32)).requires_grad_(False)
+    floor = bench._Floor(model, torch.device("cpu"))
+    reached, inputs_reached = [], []
+
+    def seen(name):
+        def hook(module, grad_input, grad_output):
+            reached.append(name)
+            inputs_reached.append(grad_input[0] is not None)
+        return hook
+
+    for name, module in model.named_modules():
+        if name.endswith(("query", "value")):
+            module.register_full_backward_hook(seen(name))
+    batch = {"input_ids": torch.randint(5, 50, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    step = bench._Step(floor, batch)
+    step()
+    assert sorted(reached) == sorted(n for n, _ in model.named_modules() if n.endswith(("query", "value")))
+    by_layer = dict(zip(reached, inputs_reached))
+    # Layer 0's inputs are the embeddings: no gradient for them; layer 1's come from layer 0: they carry one.
+    assert not any(v for n, v in by_layer.items() if ".layer.0." in n) and all(
+        v for n, v in by_layer.items() if ".layer.1." in n)
+    assert step.optimizer is None and step.state_bytes() == 0 and floor.zero.grad is None
+    assert all(p.grad is None for p in model.parameters())  # no weight gradient
+
+
+@pytest.mark.slow
+def test_bench_compile_times_compiled_steps_against_compiled_peft(tmp_path, tiny_folders):
+    # The eager backend traces with dynamo (graph breaks, recompiles) without generating code: seconds.
+    args = ["bench", "--models", tiny_folders["bert"], "--batches", "2x8", "--ranks", "4", "--rounds", "2",
+            "--min-time", "0.01", "--threads", "1", "--compile-backend", "eager", "--output", str(tmp_path / "c")]
+    assert main(args) == 0
+    compiled = json.loads((tmp_path / "c" / "bench.json").read_text())["models"][0]["configs"][0]["compiled"]
+    assert compiled["backend"] == "eager" and compiled["floor"]["median_s"] > 0
+    assert set(compiled["contenders"]) == {"floor"} | set(bench.TRAIN_REFERENCES)
+    for name, v in compiled["train"].items():
+        assert v["reference"] == bench.TRAIN_REFERENCES[name] and len(v["times_s"]) == 2
+        assert v["graph_breaks"] >= 0 and v["recompiles"] >= 0 and v["graphs"] >= 1 and v["compile_s"] > 0
+    assert compiled["train"]["replora-lora"]["graph_breaks"] == 0  # LoRA compiles whole
+    report = (tmp_path / "c" / "bench.md").read_text()
+    assert "compiled step (eager)" in report and "Compiled training-step time ratio" in report
+
+
+def test_bench_options_and_the_quick_subset(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(bench, "run_bench", lambda s, root: seen.update(settings=s, root=root) or "report")
+    assert main(["bench", "--quick", "--output", str(tmp_path)]) == 0
+    quick = seen["settings"]
+    assert (quick.models, quick.batches, quick.ranks, quick.rounds) == (("smollm2",), ((4, 32),), (8,), 5)
+    assert quick.generation and not quick.compile
+    assert main(["bench", "--quick", "--ranks", "64", "--batches", "16x64", "--compile"]) == 0
+    assert seen["settings"].ranks == (64,) and seen["settings"].batches == ((16, 64),) and seen["settings"].compile
+    assert seen["settings"].compile_backend == "inductor"
+    assert main(["bench"]) == 0
+    full = seen["settings"]
+    assert (full.models, full.batches, full.ranks) == (("minilm", "smollm2"), ((4, 32), (16, 64)), (8, 64))
+
+
+def test_bench_refuses_bad_options_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--batches", "4by32"])
+    assert exit_.value.code == 2 and "give examples x tokens" in capsys.readouterr().err
+    assert main(["bench", "--rounds", "0", "--output", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("research: error: rounds must be at least 1") and "Traceback" not in err
 
 
 def test_claim_2_verdict_reads_the_paired_differences():
@@ -136,6 +242,8 @@ def test_the_grids_and_the_bench_take_their_methods_from_the_registry():
     assert bench.REPLORA_METHODS == methods
     assert bench.TRAIN_REFERENCES == {"peft-lora": "peft-lora", "peft-dora": "peft-lora",
                                       **{f"replora-{m}": "peft-dora" if m == "dora" else "peft-lora" for m in methods}}
+    assert bench.INFER_REFERENCES == {**bench.TRAIN_REFERENCES, "replora-lora-merged": "base",
+                                      "replora-replora-merged": "base"}
 
 
 def test_default_output_folders_are_under_research_results_wherever_it_runs(tmp_path, monkeypatch, capsys):
