@@ -466,7 +466,6 @@ def bench_model(model_name: str, s: BenchSettings, device, log=print) -> dict:
             log(f"{model_name} {batch_size}x{seq_len} r={r}: floor {1000 * block['floor']['median_s']:.1f} ms; "
                 + ", ".join(f"{n} {1000 * v['median_s']:.1f} ms (overhead ratio {_fmt(v['overhead_ratio']['median'])})"
                             for n, v in train.items()))
-    base.train()
     del base
     gc.collect()
     if causal and s.generation:
