@@ -104,6 +104,13 @@ class Method(nn.Module):
 
     def forward(self, x: torch.Tensor, result: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         """The adapted layer's output, given its input x and the base layer's output `result`."""
+        A, B = self.factors()
+        if layer.kind in ("linear", "conv1d") and A.dtype == result.dtype:
+            # result + s·(A x) Bᵀ as one addmm: the scaling rides on its alpha, and no (tokens, out) update
+            # is made to be added (a training step's overhead over the frozen model is mostly such ops).
+            h = F.linear(self.dropout(x.to(A.dtype)), A)
+            flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), B.T, alpha=self.scaling)
+            return flat.view(result.shape)
         return result + self.update(x, layer)[0].to(result.dtype)
 
     def fold(self, W: torch.Tensor) -> torch.Tensor:
