@@ -60,6 +60,15 @@ class Generator(nn.Module):
         """Each role's (rows, size) output of its head, as views of one matmul."""
         return dict(zip(self.head_sizes, self.head(features).split(list(self.head_sizes.values()), dim=1)))
 
+    def output(self, features: torch.Tensor, role: str) -> torch.Tensor:
+        """One role's output alone: its rows of the fused head."""
+        start = 0
+        for name, size in self.head_sizes.items():
+            if name == role:
+                return F.linear(features, self.head.weight[start:start + size], self.head.bias[start:start + size])
+            start += size
+        raise KeyError(role)
+
 
 class RepLoRAGenerators(nn.Module):
     """The pair (g_thetaA, g_thetaB) of one sharing unit (a block, a target, or all blocks of one shape)."""
@@ -99,6 +108,16 @@ class RepLoRAGroup(nn.Module):
     Under no_grad (inference) the factors are kept until a parameter changes, so an unmerged RepLoRA
     model serves at LoRA's cost. Changes are seen through version counters, which in-place edits of
     `param.data` bypass: edit parameters under torch.no_grad() instead (as torch.optim does).
+
+    Under torch.compile none of this state is read: its key (version counters, data pointers) and its
+    dicts would become guards that fail at every optimizer step (a recompile each time, until dynamo's
+    limit) and data-pointer comparisons break the graph. Traced, every target generates its factors
+    inside the graph. With grad, each generates its whole group as eager does, and the compiler's
+    common-subexpression pass (AOT autograd's partitioner, for aot_eager and inductor) leaves one
+    generation per group per graph; a checkpoint's recompute is traced too, so it is consistent by
+    construction. Without grad (no partitioner, no such pass), each target computes its own head's
+    rows only, so a group costs one generation per call, not one per target: a compiled unmerged model
+    pays the generators on every call (merge it to serve at the base model's cost).
     """
 
     def __init__(self, config: AdapterConfig, generators: RepLoRAGenerators, seed_widths: tuple[int, int],
@@ -135,7 +154,14 @@ class RepLoRAGroup(nn.Module):
         params = (self.lora_A_seed, self.lora_B_seed, *self.generators.parameters())
         return (torch.is_grad_enabled(), *((p._version, p.data_ptr()) for p in params))
 
+    def generate_role(self, role: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One role's factors alone (the group's features, that role's rows of each head)."""
+        gA, gB = self.generators.lora_A_generator, self.generators.lora_B_generator
+        return (gA.output(gA.features(self.lora_A_seed), role), gB.output(gB.features(self.lora_B_seed), role).T)
+
     def factors(self, role: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():  # no cache state in a graph: see the class docstring
+            return self.generate()[role] if torch.is_grad_enabled() else self.generate_role(role)
         key = self._state_key()
         # Without grad the generated factors hold no graph, so they stay valid for as long as no
         # parameter changes (version counters, storage); with grad each forward needs its own graph.
