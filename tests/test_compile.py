@@ -17,6 +17,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 import replora
+from replora.methods.replora import RepLoRAGroup
 from conftest import METHOD_VARIANTS, TINY_MODELS, logits, make_config, outputs, train_steps
 
 BACKEND = "aot_eager"
@@ -166,3 +167,17 @@ def test_compiled_training_generates_each_groups_factors_once(sharing, groups):
     assert len(tanh) == 2 * groups  # the A and the B generator of each group
     torch._dynamo.reset()
 
+
+
+@pytest.mark.parametrize("name", ["convnet", "llama-embed", "gpt2"])
+def test_eager_training_generates_each_groups_factors_once_on_every_layer_kind(name):
+    """The eager counterpart, on the targets the one-addmm forward does not take (Conv2d, Embedding): a
+    target asks for its factors once per forward (twice would generate its group again)."""
+    tiny = TINY_MODELS[name]
+    model = replora.inject(tiny.build(), make_config(tiny, "replora")).train()
+    groups = {id(m): m for m in model.modules() if isinstance(m, RepLoRAGroup)}
+    calls = []
+    for group in groups.values():
+        group.generators.lora_A_generator.head.register_forward_hook(lambda *_: calls.append(1))
+    logits(model(**tiny.inputs())).sum().backward()
+    assert len(calls) == len(groups)

@@ -94,10 +94,12 @@ class Method(nn.Module):
         A, B = self.factors()
         return (B * self.scaling) @ A
 
-    def update(self, x: torch.Tensor, layer: AdaptedLayer) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    def update(self, x: torch.Tensor, layer: AdaptedLayer,
+               factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """(s B A dropout(x), dropout(x), the factors used): the low-rank path every method shares, through
-        the layer's own operation (a matmul, a convolution, an embedding lookup)."""
-        A, B = self.factors()
+        the layer's own operation (a matmul, a convolution, an embedding lookup). `factors`: this forward's
+        (A, B) if already asked for (asking twice would make RepLoRA generate its group again)."""
+        A, B = self.factors() if factors is None else factors
         B = B * self.scaling  # (out, r): cheaper than scaling the (tokens, out) output
         dropped = layer.lora_input(x, self.dropout, A.dtype)
         return layer.expand(layer.apply_weight(dropped, A), B), dropped, (A, B)
@@ -111,7 +113,7 @@ class Method(nn.Module):
             h = F.linear(self.dropout(x.to(A.dtype)), A)
             flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), B.T, alpha=self.scaling)
             return flat.view(result.shape)
-        return result + self.update(x, layer)[0].to(result.dtype)
+        return result + self.update(x, layer, (A, B))[0].to(result.dtype)
 
     def fold(self, W: torch.Tensor) -> torch.Tensor:
         """W (out, in, in merge precision) with this adapter folded in; changes nothing."""
