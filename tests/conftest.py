@@ -272,6 +272,13 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+def uneven_qa_rows(n: int):
+    """Prompt / response rows whose responses differ in length (1 or 4 words): processes sharing a batch
+    hold different numbers of response tokens, and greedy answers end at different steps."""
+    return [{"prompt": f"item {i} is {'hot' if i % 2 else 'cold'}", "response": "yes" if i % 2 else "no it is not"}
+            for i in range(n)]
+
+
 def sentiment_rows(n: int):
     words = ["great", "awful", "moving", "dull", "superb", "boring", "brilliant", "tedious"]
     return [{"text": f"a {words[i % 8]} film, {words[(3 * i) % 8]} at times", "label": int(i % 8 in (0, 2, 4, 6))}

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ENV, REPLORA, kill_once_checkpointed, sentiment_rows, write_jsonl
+from conftest import ENV, REPLORA, kill_once_checkpointed, sentiment_rows, uneven_qa_rows, write_jsonl
 
 CONFIG = Path(__file__).parents[1] / "configs" / "fsdp.yaml"
 pytestmark = pytest.mark.slow
@@ -97,11 +97,8 @@ def test_a_killed_sharded_run_resumes_to_the_same_adapter(tmp_path, tiny_folders
 
 
 def test_sharded_generative_training_and_generation_match_one_process(tmp_path, tiny_lm_folders):
-    # Responses of different lengths: the processes hold different numbers of response tokens, and their
-    # greedy answers end at different steps (each forward is a collective under FSDP).
-    rows = [{"prompt": f"item {i} is {'hot' if i % 2 else 'cold'}", "response": "yes" if i % 2 else "no it is not"}
-            for i in range(90)]
-    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    # Each forward is a collective under FSDP: greedy answers of different lengths must stay in step.
+    data = write_jsonl(tmp_path / "qa.jsonl", uneven_qa_rows(90))
     common = ["train", "--model", tiny_lm_folders["plain"], "--dataset", str(data), "--method", "replora",
               "--epochs", "2", "--batch-size", "16", "--seed", "3", "--lr", "5e-3", "--max-new-tokens", "4"]
     run(REPLORA + common + ["--output", str(tmp_path / "one")])

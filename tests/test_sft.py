@@ -16,7 +16,7 @@ from replora.training import generative
 from replora.training.cli import main
 from replora.training.generative import IGNORE
 
-from conftest import ENV, kill_once_checkpointed, write_jsonl
+from conftest import ENV, kill_once_checkpointed, uneven_qa_rows, write_jsonl
 
 COLOURS = ["red", "green", "blue", "white", "black", "yellow"]
 
@@ -237,10 +237,7 @@ def test_eval_scores_each_task_by_generation_and_by_loglik(tmp_path, tiny_lm_fol
 
 @pytest.mark.slow
 def test_two_processes_train_the_same_sft_adapter_as_one(tmp_path, tiny_lm_folders):
-    # Responses of different lengths: each process holds a different number of response tokens.
-    rows = [{"prompt": f"item {i} is {'hot' if i % 2 else 'cold'}", "response": "yes" if i % 2 else "no it is not"}
-            for i in range(80)]
-    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    data = write_jsonl(tmp_path / "qa.jsonl", uneven_qa_rows(80))
     common = ["train", "--model", tiny_lm_folders["plain"], "--dataset", str(data), "--method", "replora",
               "--epochs", "2", "--batch-size", "16", "--seed", "3", "--lr", "5e-3", "--max-new-tokens", "3"]
     one = subprocess.run([sys.executable, "-m", "replora"] + common + ["--output", str(tmp_path / "one")], env=ENV,

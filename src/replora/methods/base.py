@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # Annotations name AdapterConfig (config.py) and AdaptedLayer (layer.py) without importing them: both
@@ -110,7 +109,7 @@ class Method(nn.Module):
         if layer.kind in ("linear", "conv1d") and A.dtype == result.dtype:
             # result + s·(A x) Bᵀ as one addmm: the scaling rides on its alpha, and no (tokens, out) update
             # is made to be added (a training step's overhead over the frozen model is mostly such ops).
-            h = F.linear(self.dropout(x.to(A.dtype)), A)
+            h = layer.apply_weight(layer.lora_input(x, self.dropout, A.dtype), A)
             flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), B.T, alpha=self.scaling)
             return flat.view(result.shape)
         return result + self.update(x, layer, (A, B))[0].to(result.dtype)

@@ -168,9 +168,9 @@ class ScoreHead:
 
     def loss(self, model, batch) -> tuple[torch.Tensor, int]:
         """(the batch's mean loss, how many units it counts: examples here, response tokens for sft). Labels
-        of -100 count in neither (rows repeated to even out a last batch: distributed.without_repeats)."""
+        of generative.IGNORE (-100) count in neither (rows repeated to even out a last batch: distributed.without_repeats)."""
         labels = batch["labels"]
-        count = int((labels != -100).sum())
+        count = int((labels != generative.IGNORE).sum())
         loss = torch.nn.functional.cross_entropy(forward_logits(model, batch).float(), labels, reduction="sum")
         return loss / max(count, 1), count
 
@@ -244,13 +244,9 @@ class Generative:
 
 # --- checkpoints: safetensors + JSON only -------------------------------------------------------
 
-def _checkpoint_contents(model, optimizer) -> tuple[dict, dict]:
-    """The adapter's and the optimizer's tensors, whole (every process calls this: under FSDP they are
-    gathered), for _save_checkpoint on the main process."""
-    return adapter_tensors(model), optimizer_state(optimizer)
-
-
 def _save_checkpoint(folder: Path, model, contents: tuple[dict, dict], scheduler, state: dict) -> None:
+    """contents: the adapter's and the optimizer's tensors, whole (adapter_tensors, optimizer_state: every
+    process gathers them under FSDP; only the main process writes)."""
     adapter, opt_state = contents
     tensors, groups = {}, []
     for index, values in opt_state["state"].items():
@@ -584,7 +580,8 @@ def train(settings: TrainSettings) -> dict:
             state["epoch"] = epoch + 1
             state["seconds"] = time.perf_counter() - started
             state["window"]["seconds"] += time.perf_counter() - tick
-            contents = _checkpoint_contents(accelerator.unwrap_model(model), optimizer) if config is not None else None  # (every process)
+            contents = ((adapter_tensors(accelerator.unwrap_model(model)), optimizer_state(optimizer))
+                        if config is not None else None)  # (every process: gathered whole under FSDP)
             if accelerator.is_main_process and config is not None:  # (full fine-tuning keeps no checkpoints)
                 name = f"epoch-{epoch + 1}"
                 if (checkpoints / name).exists():  # a stale copy from a run killed before `latest` named it
