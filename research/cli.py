@@ -9,6 +9,7 @@ from pathlib import Path
 
 from replora.methods import METHODS
 from replora.training import FULL
+from replora.training.settings import HEAD
 from replora.training.cli import run_command
 
 from .experiments import GRIDS
@@ -40,7 +41,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {
         "model": args.model, "dataset": args.dataset, "epochs": args.epochs,
         "max_train_examples": args.max_train_examples, "max_eval_examples": args.max_eval_examples,
-        "methods": tuple(args.methods) if args.methods else None,
+        "image_size": args.image_size, "methods": tuple(args.methods) if args.methods else None,
         "fractions": tuple(args.fractions) if args.fractions else None,
         "seeds": tuple(args.seeds) if args.seeds else None}.items() if v is not None}
     if args.lrs:
@@ -101,13 +102,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _grid_parser(sub, name: str, help_text: str, description: str) -> None:
     p = sub.add_parser(name, help=help_text, description=description)
     p.add_argument("--grid", default="minilm-rt", choices=tuple(GRIDS),
-                   help="model, data and budget (default minilm-rt: MiniLM on Rotten Tomatoes)")
+                   help="model, data and budget (default minilm-rt: MiniLM on Rotten Tomatoes; dinov2-cifar10: the "
+                        "papers' image protocol)")
     p.add_argument("--output", help="results folder (default research/results/<grid>, shared by the grid's "
                                     "experiments); rerun to resume")
     for flag, kind in [("--model", str), ("--dataset", str), ("--epochs", int), ("--max-train-examples", int),
-                       ("--max-eval-examples", int)]:
+                       ("--max-eval-examples", int), ("--image-size", int)]:
         p.add_argument(flag, type=kind, help="override the grid's setting")
-    p.add_argument("--methods", nargs="+", choices=(*METHODS, FULL), help="override the grid's methods")
+    p.add_argument("--methods", nargs="+", choices=(*METHODS, FULL, HEAD), help="override the grid's methods")
     p.add_argument("--fractions", nargs="+", type=float, help="override the grid's training fractions")
     p.add_argument("--seeds", nargs="+", type=int, help="override the grid's seeds")
     p.add_argument("--lrs", nargs="+", help="learning-rate grid picked from on validation: for every method "

@@ -58,6 +58,29 @@ def test_sample_efficiency_runs_end_to_end_and_resumes(tmp_path, tiny_folders, c
     assert not (root / "lora-lr1e-2" / "runs").exists()
 
 
+@pytest.mark.slow
+def test_the_image_grid_runs_references_on_all_the_data_only(tmp_path, vision_folders, digits):
+    args = ["sample-efficiency", "--grid", "dinov2-cifar10", "--model", vision_folders["dinov2"], "--dataset", digits,
+            "--methods", "lora", "replora", "full", "head", "--fractions", "0.5", "1.0", "--seeds", "0", "1",
+            "--epochs", "1", "--lrs", "1e-3", "--image-size", "16", "--output", str(tmp_path / "img")]
+    assert main(args) == 0
+    root = tmp_path / "img"
+    # The adapters at both fractions and both seeds; full fine-tuning and the linear probe at f = 1 only.
+    assert sorted(_stamps(root)) == sorted(f"{m}-lr0.001-f{f}-s{s}" for s in (0, 1) for f, methods in
+                                           (("0.5", ("lora", "replora")), ("1", ("lora", "replora", "full", "head")))
+                                           for m in methods)
+    settings = json.loads((root / "runs" / "replora-lr0.001-f0.5-s1" / "settings.json").read_text())
+    assert settings["image_size"] == 16 and settings["keep"] == "last"
+    assert json.loads((root / "runs" / "head-lr0.001-f1-s0" / "metrics.json").read_text())["trainable_parameters"] < \
+        json.loads((root / "runs" / "lora-lr0.001-f1-s0" / "metrics.json").read_text())["trainable_parameters"]
+    report = (root / "sample_efficiency.md").read_text()
+    assert "| full | " in report and "| head | " in report
+    head_row = next(line for line in report.splitlines() if line.startswith("| head | "))
+    assert head_row.split(" | ")[2] == "—" and "±" in head_row.split(" | ")[3]  # f = 0.5 not run; f = 1 run
+    assert len((root / "sample_efficiency.csv").read_text().splitlines()) == 1 + 2 * (2 + 4)
+    assert (root / "sample_efficiency.png").stat().st_size > 1000
+
+
 def test_learning_rate_grids_are_checked(tmp_path, capsys):
     for lrs, message in [(["dora=1e-3"], "not among this grid's methods"), (["lora=fast"], "method=rate"),
                          (["1e-3"], None)]:

@@ -8,38 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (AutoModelForImageClassification, BitImageProcessor, Dinov2Config, Dinov2Model, ViTConfig,
-                          ViTForImageClassification, ViTImageProcessor)
+from transformers import AutoModelForImageClassification
 
 import replora
 from replora.layer import AdaptedLayer
 from replora.training.loop import ImageCollator, freeze_batch_norm_statistics, train
 from replora.training.vision_models import load_image_classifier
 from replora.training.settings import TrainSettings
-from research.make_digits_folder import write_digits_folder
 
 from conftest import ENV, REPLORA
-
-
-@pytest.fixture(scope="session")
-def vision_folders(tmp_path_factory):
-    """A tiny DINOv2 backbone saved as DINOv2 is (Dinov2Model, BitImageProcessor: shortest edge then
-    centre crop) and a tiny ViT classifier with a plain resizing processor."""
-    root = tmp_path_factory.mktemp("vision")
-    torch.manual_seed(0)
-    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-    Dinov2Model(Dinov2Config(**small, image_size=16, patch_size=4)).save_pretrained(root / "dinov2")
-    BitImageProcessor(size={"shortest_edge": 18}, crop_size={"height": 16, "width": 16}).save_pretrained(root / "dinov2")
-    ViTForImageClassification(ViTConfig(**small, image_size=16, patch_size=4)).save_pretrained(root / "vit")
-    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(root / "vit")
-    return {name: str(root / name) for name in ("dinov2", "vit")}
-
-
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("digits") / "digits"
-    write_digits_folder(folder, n_per_class=12)
-    return str(folder)
 
 
 def settings(model, dataset, out, **kwargs):
