@@ -63,7 +63,9 @@ def cmd_theory(args: argparse.Namespace) -> int:
     from .theory import TheorySettings, run_theory
 
     overrides = {k: v for k, v in {"ns": tuple(args.ns) if args.ns else None, "repetitions": args.repetitions,
-                                   "inits": args.inits, "lbfgs_steps": args.lbfgs_steps}.items() if v is not None}
+                                   "inits": args.inits, "lbfgs_steps": args.lbfgs_steps,
+                                   "cases": tuple(dict.fromkeys(args.cases)) if args.cases else None,
+                                   "r_true": args.r_true, "r_fit": args.r_fit}.items() if v is not None}
     root = Path(args.output) if args.output else RESULTS / "theory"
     print(run_theory(TheorySettings(**overrides), root))
     print(f"results in {root}")
@@ -133,12 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     theory = sub.add_parser("theory", help="the estimation-rate simulation (attention as a mixture of experts)",
                             description="LoRA and RepLoRA fitted to an attention head read as a mixture of "
-                                        "experts, over a log grid of sample sizes; writes theory.csv / .md / .png.")
+                                        "experts, over a log grid of sample sizes, at the true rank (exact) and "
+                                        "above it (over-specified); measures the error of the updates and the "
+                                        "Voronoi loss of the factors; writes theory.csv / .md / .png.")
     theory.add_argument("--output", help="results folder (default research/results/theory)")
     theory.add_argument("--ns", nargs="+", type=int, help="sample sizes (default 1e2 to 1e5, log grid)")
-    theory.add_argument("--repetitions", type=int, help="repetitions per sample size (default 3)")
+    theory.add_argument("--repetitions", type=int, help="repetitions per sample size (default 5)")
     theory.add_argument("--inits", type=int, help="initializations per fit (default 2)")
     theory.add_argument("--lbfgs-steps", type=int, help="L-BFGS iterations per fit (default 150)")
+    theory.add_argument("--cases", nargs="+", choices=("exact", "over"),
+                        help="fits at the true rank (exact) and/or above it (over); default both")
+    theory.add_argument("--r-true", type=int, help="rank of the true updates (default 1)")
+    theory.add_argument("--r-fit", type=int, help="rank of the over-specified fits, above --r-true (default 2)")
     theory.set_defaults(func=cmd_theory)
 
     bench = sub.add_parser("bench", help="training, decoding and memory against Hugging Face PEFT and the floor",

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import research
 from replora.methods import METHODS
-from research import bench, cli, experiments
+from research import bench, cli, experiments, theory
 from research.cli import main
 from research.experiments import claim_2_verdict
 
@@ -118,9 +119,62 @@ def test_theory_simulation_runs_end_to_end(tmp_path):
             "--output", str(tmp_path / "th")]
     assert main(args) == 0
     rows = (tmp_path / "th" / "theory.csv").read_text().splitlines()
-    assert rows[0] == "method,n,repetition,error" and len(rows) == 1 + 2 * 2 * 2
-    assert "fitted log-log slope" in (tmp_path / "th" / "theory.md").read_text()
+    assert rows[0] == "method,case,n,repetition,product_error,voronoi_loss,voronoi_svd,excess_loss"
+    assert len(rows) == 1 + 2 * 2 * 2 * 2  # methods x cases x ns x repetitions
+    report = (tmp_path / "th" / "theory.md").read_text()
+    assert "Fitted log-log slopes ± their standard errors" in report and "| over | RepLoRA |" in report
     assert (tmp_path / "th" / "theory.png").stat().st_size > 1000
+    assert main(args[:-1] + [str(tmp_path / "one"), "--cases", "exact", "--r-true", "2", "--r-fit", "3"]) == 0
+    rows = (tmp_path / "one" / "theory.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2 * 2 * 2 and all(",exact," in row for row in rows)
+
+
+def test_theory_refuses_an_over_specified_case_without_more_components(tmp_path, capsys):
+    assert main(["theory", "--ns", "20", "40", "--r-true", "2", "--r-fit", "2", "--output", str(tmp_path / "th")]) == 2
+    assert "the over-specified case fits more components" in capsys.readouterr().err
+    assert not (tmp_path / "th").exists()
+
+
+def _theory_truth(r, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in [(r, 5), (4, r)] * 2)
+
+
+def test_theory_voronoi_loss_is_zero_at_the_truth_and_blind_to_the_factors_symmetries():
+    true = _theory_truth(2)
+    assert theory.factor_loss(true, true) == pytest.approx(0, abs=1e-12)
+    fit = tuple(f + 0.05 * torch.randn(f.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+                for f in true)
+    loss = theory.factor_loss(fit, true)
+    assert loss > 1e-3
+    # The same fit, its components in the other order, each rescaled (b c, a / c), one of them with c < 0.
+    c = torch.tensor([-3.0, 0.25], dtype=torch.float64)
+    swapped = [fit[0].flip(0) / c[:, None], fit[1].flip(1) * c, fit[2].flip(0) * c[:, None], fit[3].flip(1) / c]
+    assert theory.factor_loss(swapped, true) == pytest.approx(loss, rel=1e-9)
+    assert all(not torch.allclose(a, b) for a, b in zip(swapped, fit))
+
+
+def test_theory_voronoi_loss_squares_the_distances_in_a_cell_of_several_components():
+    A, B, _, _ = _theory_truth(1)
+    e = torch.zeros(5, dtype=torch.float64)
+    e[0], e[1] = A[0, 1], -A[0, 0]                     # orthogonal to the true row a
+    for split, ratio in ((True, 4), (False, 2)):
+        def loss(eps):
+            if split:  # two fitted components in the true one's cell, a turned by +eps and -eps, b halved
+                fit_A, fit_B = torch.stack([A[0] + eps * e, A[0] - eps * e]), torch.cat([B, B], dim=1) / 2
+            else:      # one fitted component, a turned by eps
+                fit_A, fit_B = A + eps * e, B
+            return theory.voronoi_loss(theory.components(fit_A, fit_B), theory.components(A, B))
+        # Quadratic in the perturbation for the split (over-specified) cell, linear for the single one.
+        assert loss(1e-3) / loss(5e-4) == pytest.approx(ratio, rel=0.01)
+
+
+def test_theory_voronoi_loss_charges_a_missed_component_its_weight():
+    A, B, _, _ = _theory_truth(2)
+    weights, _ = theory.components(A, B)
+    # A rank-1 fit equal to the first true component: the second one's cell stays empty.
+    assert theory.voronoi_loss(theory.components(A[:1], B[:, :1]), theory.components(A, B)) == \
+        pytest.approx(weights[1].item(), rel=1e-9)
 
 
 @pytest.mark.slow
