@@ -33,11 +33,8 @@ def parse_lrs(values: list[str], methods: tuple[str, ...], defaults: dict) -> di
     return {m: tuple(per_method.get(m) or shared or defaults.get(m, ())) for m in methods}
 
 
-def cmd_grid(args: argparse.Namespace) -> int:
-    """sample-efficiency and ablations: a grid of training runs, resumable."""
-    from . import experiments
-
-    grid = GRIDS[args.grid]
+def _overridden(grid, args: argparse.Namespace, name: str):
+    """The grid with the command line's overrides, its learning rates checked."""
     overrides = {k: v for k, v in {
         "model": args.model, "dataset": args.dataset, "epochs": args.epochs,
         "max_train_examples": args.max_train_examples, "max_eval_examples": args.max_eval_examples,
@@ -48,13 +45,34 @@ def cmd_grid(args: argparse.Namespace) -> int:
         overrides["lrs"] = parse_lrs(args.lrs, overrides.get("methods", grid.methods), grid.lrs)
     grid = dataclasses.replace(grid, **overrides)
     if missing := [m for m in grid.methods if not grid.lrs.get(m)]:
-        raise ValueError(f"grid {args.grid} has no learning rates for {missing}: give them, e.g. --lrs {missing[0]}=1e-3")
+        raise ValueError(f"grid {name} has no learning rates for {missing}: give them, e.g. --lrs {missing[0]}=1e-3")
+    return grid
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    """sample-efficiency and ablations: a grid of training runs, resumable."""
+    from . import experiments
+
+    grid = _overridden(GRIDS[args.grid], args, args.grid)
     root = Path(args.output) if args.output else RESULTS / args.grid  # the experiments of a grid share its runs
     runs = Path(args.runs) if args.runs else None
     if args.command == "sample-efficiency":
         print(experiments.sample_efficiency(grid, root, runs))
     else:
         print(experiments.ablations(grid, root, runs=runs))
+    print(f"results in {root}")
+    return 0
+
+
+def cmd_commonsense(args: argparse.Namespace) -> int:
+    """The commonsense table in the papers' protocol, with claim 2 in it: training runs and their scoring."""
+    from .commonsense_table import CommonsenseGrid, commonsense_table
+
+    s = CommonsenseGrid()
+    s = dataclasses.replace(s, grid=_overridden(s.grid, args, "commonsense"),
+                            items_per_task=args.items_per_task or s.items_per_task)
+    root = Path(args.output) if args.output else RESULTS / "commonsense"
+    print(commonsense_table(s, root, Path(args.runs) if args.runs else None))
     print(f"results in {root}")
     return 0
 
@@ -101,11 +119,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _grid_parser(sub, name: str, help_text: str, description: str) -> None:
+def _grid_parser(sub, name: str, help_text: str, description: str, grids: bool = True):
     p = sub.add_parser(name, help=help_text, description=description)
-    p.add_argument("--grid", default="minilm-rt", choices=tuple(GRIDS),
-                   help="model, data and budget (default minilm-rt: MiniLM on Rotten Tomatoes; dinov2-cifar10: the "
-                        "papers' image protocol)")
+    if grids:
+        p.add_argument("--grid", default="minilm-rt", choices=tuple(GRIDS),
+                       help="model, data and budget (default minilm-rt: MiniLM on Rotten Tomatoes; dinov2-cifar10: "
+                            "the papers' image protocol)")
     p.add_argument("--output", help="results folder (default research/results/<grid>, shared by the grid's "
                                     "experiments); rerun to resume")
     for flag, kind in [("--model", str), ("--dataset", str), ("--epochs", int), ("--max-train-examples", int),
@@ -119,6 +138,7 @@ def _grid_parser(sub, name: str, help_text: str, description: str) -> None:
     p.add_argument("--runs", help="runs folder (default <output>/runs): point a variant of a grid at the grid's "
                    "runs to reuse them")
     p.set_defaults(func=cmd_grid)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     _grid_parser(sub, "ablations", "RepLoRA's options, one change at a time from the default",
                  "RepLoRA's options one at a time at fraction 1, every seed; writes ablations.csv / .md. "
                  "Finished runs are skipped, interrupted ones resume.")
+
+    commonsense = _grid_parser(sub, "commonsense", "the commonsense table in the papers' protocol, and claim 2 "
+                               "in it", "SmolLM2 fine-tuned generatively on the commonsense mix by every method "
+                               "(learning rate picked on validation), LoRA and RepLoRA also on 30% of it, each run "
+                               "scored on the eight test sets by generation and by log-likelihood, beside the "
+                               "base model; writes commonsense.csv / .md / .png. Finished runs and scores are "
+                               "skipped, interrupted runs resume.", grids=False)
+    commonsense.add_argument("--items-per-task", type=int, help="test items scored per set (default 50)")
+    commonsense.set_defaults(func=cmd_commonsense)
 
     theory = sub.add_parser("theory", help="the estimation-rate simulation (attention as a mixture of experts)",
                             description="LoRA and RepLoRA fitted to an attention head read as a mixture of "

@@ -37,8 +37,9 @@ class Grid:
     batch_size: int = 32
     adapter: dict = field(default_factory=lambda: {"r": 8, "lora_alpha": 16})
     image_size: int | None = None
-    # Reference lines (full fine-tuning, the linear probe) trained on all the data only: the figure's question
-    # is how the adapters fall off with less data, measured against what the whole data gives.
+    max_new_tokens: int = 32  # generative grids: the most tokens of each test answer
+    # Methods trained on all the data only: reference lines (full fine-tuning, the linear probe), whose question
+    # is not how they fall off with less data, or methods a claim about fractions does not name.
     full_data_only: tuple[str, ...] = ()
 
     def cells(self) -> list[tuple[str, float, int]]:
@@ -90,7 +91,7 @@ def run_key(method: str, lr: float, fraction: float, seed: int, variant: str = "
 
 
 def run_one(runs: Path, grid: Grid, method: str, lr: float, fraction: float, seed: int,
-            adapter_extra: dict | None = None, variant: str = "") -> dict:
+            adapter_extra: dict | None = None, variant: str = "", max_steps: int | None = None) -> dict:
     """One run of the grid, in the runs folder; skipped when finished, resumed when interrupted."""
     out = runs / run_key(method, lr, fraction, seed, variant)
     if (out / "metrics.json").is_file():
@@ -99,18 +100,22 @@ def run_one(runs: Path, grid: Grid, method: str, lr: float, fraction: float, see
     settings = TrainSettings(model=grid.model, dataset=grid.dataset, method=method, fraction=fraction, seed=seed,
                              lr=lr, epochs=grid.epochs, max_train_examples=grid.max_train_examples,
                              max_eval_examples=grid.max_eval_examples, max_length=grid.max_length,
-                             batch_size=grid.batch_size, image_size=grid.image_size, output=str(out), resume=True,
-                             adapter=adapter,
+                             batch_size=grid.batch_size, image_size=grid.image_size, max_steps=max_steps,
+                             max_new_tokens=grid.max_new_tokens, output=str(out), resume=True, adapter=adapter,
                              keep="last")  # the grids' protocol: the last step's adapter, as their results were made
     return train(settings)
 
 
+def validation_score(metrics: dict) -> float:
+    """Higher is better: the validation accuracy, or for generative runs (which have none) minus the loss."""
+    return metrics["validation_accuracy"] if "validation_accuracy" in metrics else -metrics["validation_loss"]
+
+
 def pick_lrs(runs: Path, grid: Grid) -> dict[str, float]:
-    """Each method's learning rate: the best validation accuracy at fraction 1.0, seed 0."""
+    """Each method's learning rate: the best validation score at fraction 1.0, seed 0."""
     chosen = {}
     for method in grid.methods:
-        scores = {lr: run_one(runs, grid, method, lr, 1.0, grid.seeds[0])["validation_accuracy"]
-                  for lr in grid.lrs[method]}
+        scores = {lr: validation_score(run_one(runs, grid, method, lr, 1.0, grid.seeds[0])) for lr in grid.lrs[method]}
         chosen[method] = max(scores, key=lambda lr: (scores[lr], -lr))
     return chosen
 

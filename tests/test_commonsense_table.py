@@ -1,0 +1,51 @@
+"""`python -m research commonsense` end to end on a tiny causal LM and the real commonsense data: every
+run trained and scored both ways, the base model's rows, claim 2 with its equal-steps control, the
+paper's table layout; a second call trains and scores nothing again."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from replora.training.commonsense import TASKS
+from research.cli import main
+
+
+@pytest.mark.slow
+def test_the_commonsense_table_trains_scores_and_resumes(tmp_path, tiny_lm_folders, capsys):
+    root = tmp_path / "cs"
+    args = ["commonsense", "--model", tiny_lm_folders["chat"], "--methods", "lora", "replora", "dora",
+            "--fractions", "0.3", "1.0", "--seeds", "0", "1", "--lrs", "1e-3", "--max-train-examples", "40",
+            "--max-eval-examples", "8", "--items-per-task", "2", "--output", str(root)]
+    assert main(args) == 0
+    runs = root / "runs"
+    names = sorted(p.name for p in runs.iterdir())
+    steps = {s: json.loads((runs / f"replora-lr0.001-f1-s{s}" / "metrics.json").read_text())["steps"] for s in (0, 1)}
+    # DoRA on all the data only; RepLoRA at 30% also for the steps of its run on all the data (the control).
+    assert names == sorted([f"{m}-lr0.001-f{f}-s{s}" for s in (0, 1) for m, f in
+                            [("lora", "0.3"), ("replora", "0.3"), ("lora", "1"), ("replora", "1"), ("dora", "1")]]
+                           + [f"replora-steps{steps[s]}-lr0.001-f0.3-s{s}" for s in (0, 1)])
+    control = json.loads((runs / f"replora-steps{steps[0]}-lr0.001-f0.3-s0" / "metrics.json").read_text())
+    short = json.loads((runs / "replora-lr0.001-f0.3-s0" / "metrics.json").read_text())
+    assert control["steps"] == steps[0] > short["steps"] and control["train_examples"] == short["train_examples"]
+    for name in names:  # every run scored both ways, on the same 2 items of each of the eight sets
+        for scoring in ("generate", "loglik"):
+            row = json.loads((runs / name / f"eval-{scoring}" / "eval.json").read_text())
+            assert row["items_per_task"] == {t: 2 for t in TASKS} and row["method"] == name.split("-")[0]
+    assert json.loads((root / "base" / "eval-loglik" / "eval.json").read_text())["trainable_percent"] == 0
+    report = (root / "commonsense.md").read_text()
+    for line in ("| model | BoolQ | PIQA | SIQA | HellaSwag | WinoGrande | ARC-e | ARC-c | OBQA | average | trainable % |",
+                 "| *paper, LLaMA-7B, replora* | *71.8* |", "Claim 2: RepLoRA on 30%", "Control, RepLoRA on 30% for the"):
+        assert line in report
+    assert report.count(" base | ") == 2 and report.count("| replora, f = 1 | ") == 2  # one table per scoring
+    assert "- replora, f = 1: " in report and "seeds better" in report  # paired to LoRA, with t where defined
+    with open(root / "commonsense.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 + 2 * 2 * 6 and {r["scoring"] for r in rows} == {"generate", "loglik"}
+    assert (root / "commonsense.png").stat().st_size > 1000
+    stamps = {p: p.stat().st_mtime_ns for p in runs.rglob("*.json")}
+    capsys.readouterr()
+    assert main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("*.json")} == stamps  # nothing trained or scored again
+    assert "Commonsense reasoning in the papers' protocol" in capsys.readouterr().out
