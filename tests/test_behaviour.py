@@ -106,6 +106,13 @@ def test_generators_run_once_per_group_per_forward(sharing, calls_per_forward):
     torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ delta.T)
 
 
+def test_the_factor_cache_key_reads_every_generator_parameter():
+    model = replora.inject(BERT.build(), make_config(BERT, "replora"))
+    for generators in generator_pairs(model):
+        for generator in (generators.lora_A_generator, generators.lora_B_generator):
+            assert sorted(map(id, generator.tensors())) == sorted(map(id, generator.parameters()))
+
+
 def test_inference_reuses_generated_factors_until_a_parameter_changes():
     model = train_steps(replora.inject(BERT.build(), make_config(BERT, "replora")), BERT).eval()
     calls = []

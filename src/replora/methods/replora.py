@@ -49,6 +49,11 @@ class Generator(nn.Module):
             self.head.weight.copy_(torch.cat([p.weight for p in parts]))
             self.head.bias.copy_(torch.cat([p.bias for p in parts]))
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Its parameters, read directly: parameters() walks the module tree (tens of µs), and the factor
+        cache's key reads them at every target's forward. Read at each call, never kept: FSDP swaps them."""
+        return self.hidden.weight, self.hidden.bias, self.head.weight, self.head.bias
+
     def features(self, seed: torch.Tensor) -> torch.Tensor:
         """sigma(hidden(row)) for each seed row; a diagonal seed (a vector) is read as diag(seed),
         without building it: row i is sigma(seed_i W[:, i] + b)."""
@@ -151,7 +156,8 @@ class RepLoRAGroup(nn.Module):
         return {role: (A[role], B[role].T) for role in A}
 
     def _state_key(self) -> tuple:
-        params = (self.lora_A_seed, self.lora_B_seed, *self.generators.parameters())
+        gA, gB = self.generators.lora_A_generator, self.generators.lora_B_generator
+        params = (self.lora_A_seed, self.lora_B_seed, *gA.tensors(), *gB.tensors())
         return (torch.is_grad_enabled(), *((p._version, p.data_ptr()) for p in params))
 
     def generate_role(self, role: str) -> tuple[torch.Tensor, torch.Tensor]:
