@@ -70,7 +70,7 @@ def commonsense_table(s: CommonsenseGrid, root: Path, runs: Path | None = None, 
     root.mkdir(parents=True, exist_ok=True)
     runs = runs or root / "runs"
     lrs = pick_lrs(runs, g)
-    trained = {}  # (row name, seed) -> (run folder, metrics), trained and scored in the grids' order
+    trained = {}  # (row name, seed) -> (metrics, {scoring: eval row}), trained and scored in the grids' order
     for method, fraction, seed in g.cells():
         trained[_key(method, fraction), seed] = _train_and_score(s, runs, method, lrs[method], fraction, seed)
         if fraction < 1 and method in s.equal_steps:  # as many steps as this seed's run on all the data
@@ -78,13 +78,13 @@ def commonsense_table(s: CommonsenseGrid, root: Path, runs: Path | None = None, 
             trained[_key(method, fraction, "equal steps"), seed] = _train_and_score(
                 s, runs, method, lrs[method], fraction, seed, max_steps=steps)
     base = {scoring: _scored(root / "base", s, scoring, model=g.model) for scoring in SCORINGS}
-    scores = {(name, seed, scoring): _scored(folder, s, scoring)
-              for (name, seed), (folder, _) in trained.items() for scoring in SCORINGS}
+    scores = {(name, seed, scoring): evals[scoring] for (name, seed), (_, evals) in trained.items()
+              for scoring in SCORINGS}
     names = list(dict.fromkeys(name for name, _ in trained))
     rows = sorted(names, key=lambda n: ("equal steps" in n, not n.endswith("f = 1"), names.index(n)))  # f = 1 first
     report = _report(s, lrs, rows, trained, scores, base)
     csv_rows = [_csv_row("base", "", base[sc]) for sc in SCORINGS]
-    csv_rows += [_csv_row(name, seed, scores[name, seed, sc], trained[name, seed][1])
+    csv_rows += [_csv_row(name, seed, scores[name, seed, sc], trained[name, seed][0])
                  for name in rows for seed in g.seeds for sc in SCORINGS]
 
     def publish(folder: Path) -> None:  # each report file replaced whole; the runs are left alone
@@ -97,14 +97,13 @@ def commonsense_table(s: CommonsenseGrid, root: Path, runs: Path | None = None, 
 
 
 def _train_and_score(s: CommonsenseGrid, runs: Path, method: str, lr: float, fraction: float, seed: int,
-                     max_steps: int | None = None) -> tuple[Path, dict]:
-    """One run trained, then scored both ways right away, so that a grid stopped midway has whole rows."""
+                     max_steps: int | None = None) -> tuple[dict, dict]:
+    """One run trained, then scored both ways right away, so that a grid stopped midway has whole rows:
+    (its metrics, {scoring: its eval row})."""
     variant = f"steps{max_steps}" if max_steps else ""
     metrics = run_one(runs, s.grid, method, lr, fraction, seed, variant=variant, max_steps=max_steps)
     folder = runs / run_key(method, lr, fraction, seed, variant)
-    for scoring in SCORINGS:
-        _scored(folder, s, scoring)
-    return folder, metrics
+    return metrics, {scoring: _scored(folder, s, scoring) for scoring in SCORINGS}
 
 
 def _csv_row(name: str, seed, row: dict, metrics: dict | None = None) -> dict:
@@ -119,6 +118,7 @@ def _csv_row(name: str, seed, row: dict, metrics: dict | None = None) -> dict:
 
 def _report(s, lrs, rows, trained, scores, base) -> str:
     g = s.grid
+
     def acc(name: str, sc: str, task: str | None = None) -> list[float]:  # per seed; the average without a task
         return [scores[name, seed, sc]["accuracy"][task] if task else scores[name, seed, sc]["average"]
                 for seed in g.seeds]
@@ -155,12 +155,12 @@ def _report(s, lrs, rows, trained, scores, base) -> str:
                          f"{claim_2_verdict(a, b)}")
         control = _key("replora", 0.3, "equal steps")
         if control in rows:
-            steps = trained[control, g.seeds[0]][1]["steps"]
+            steps = trained[control, g.seeds[0]][0]["steps"]
             lines += [f"- Control, RepLoRA on 30% for the {steps} steps of 100% (so only the data differs): "
                       + "; ".join(f"{sc} {fmt(acc(control, sc))}, − LoRA at 100%: {paired(acc(control, sc), acc(lora100, sc))}"
                                   for sc in SCORINGS)]
         lines.append("")
-    hours = sum(m["wall_time_seconds"] for _, m in trained.values()) / 3600
+    hours = sum(m["wall_time_seconds"] for m, _ in trained.values()) / 3600
     scoring_hours = sum(r["seconds"] for r in scores.values()) / 3600
     lines += [f"Cost: {hours:.1f} h of training and {scoring_hours:.1f} h of scoring for the {len(trained)} runs "
               "above (the learning-rate picks' other runs not counted); every run's seconds are in the CSV."]

@@ -17,7 +17,7 @@ from pathlib import Path
 from replora.methods import METHODS
 from replora.saving import write_folder
 from replora.training import FULL, TrainSettings, train
-from replora.training.settings import HEAD
+from replora.training.settings import HEAD, NO_ADAPTER
 
 from .reports import fmt, mean_std, paired, write_csv
 
@@ -96,7 +96,7 @@ def run_one(runs: Path, grid: Grid, method: str, lr: float, fraction: float, see
     out = runs / run_key(method, lr, fraction, seed, variant)
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
-    adapter = {} if method in (FULL, HEAD) else {**grid.adapter, **(adapter_extra or {})}
+    adapter = {} if method in NO_ADAPTER else {**grid.adapter, **(adapter_extra or {})}
     settings = TrainSettings(model=grid.model, dataset=grid.dataset, method=method, fraction=fraction, seed=seed,
                              lr=lr, epochs=grid.epochs, max_train_examples=grid.max_train_examples,
                              max_eval_examples=grid.max_eval_examples, max_length=grid.max_length,
