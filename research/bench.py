@@ -53,6 +53,11 @@ contender's compiled code lives in one process, where dynamo's recompile limit c
 no contender starves another, and after the warm-up the stance is `eager_on_recompile`, so a frame
 whose guards keep failing runs eagerly, as it would for a user once the limit of 8 is hit, instead of
 timing compilations. A contender that fails to compile is reported with its error, not timed.
+
+`--profile N`: after the timings, N training steps of every contender under torch.profiler (self time of
+each op: CPU, or the GPU's on CUDA), kept per step in bench.json; the report lists, for each contender,
+its ops per step and the ops where it spends the most time beyond its reference: the profile that says
+where a gap comes from (the profiler's own cost is per op, so op counts matter as much as the times).
 """
 from __future__ import annotations
 
@@ -96,6 +101,7 @@ class BenchSettings:
     gen_tokens: int = 32  # new tokens per prompt
     compile: bool = False
     compile_backend: str = "inductor"
+    profile: int = 0  # training steps profiled per contender (0: none)
 
     def validate(self) -> "BenchSettings":
         if not self.models:
@@ -104,6 +110,8 @@ class BenchSettings:
             raise ValueError("batches are examples x tokens, e.g. 4x32, with at least 1 example of 2 tokens")
         if not self.ranks or min(self.ranks) < 1:
             raise ValueError("ranks must be positive integers")
+        if self.profile < 0:
+            raise ValueError(f"profile is a number of steps (0 for none), got {self.profile}")
         for name in ("rounds", "steps", "threads", "gen_prompts", "gen_prompt_len", "gen_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -319,9 +327,27 @@ def _train_block(base, batch, r: int, s: BenchSettings, device, log) -> dict:
              for name, reference in TRAIN_REFERENCES.items()}
     floor = {**_floor_row(timings, FLOOR), "peak_bytes": memory[FLOOR], "memory_ratio": memory[FLOOR] / memory[CONTROL]}
     block = {"train": train, "floor": floor, "repeat": repeat}
+    if s.profile:
+        block["profile"] = {name: _profile(step, s.profile, device) for name, step in steps.items()}
     if s.compile:
         block["compiled"] = _compiled_block({FLOOR: floor_model, **models}, batch, s, device, log)
     return block, models
+
+
+def _profile(step: _Step, steps: int, device) -> dict:
+    """Per training step: the ops torch.profiler records, their count and self time (ms), by op name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    ops = {e.key: {"calls": e.count / steps,
+                   "self_ms": (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1000 / steps}
+           for e in prof.key_averages()}
+    return {"steps": steps, "clock": "gpu" if cuda else "cpu", "calls": sum(v["calls"] for v in ops.values()),
+            "self_ms": sum(v["self_ms"] for v in ops.values()), "ops": ops}
 
 
 class _LimitHits(logging.Handler):
@@ -597,6 +623,25 @@ def _train_table(train: dict, floor: dict, title: str, extra: bool = False) -> l
     return lines
 
 
+def _profile_lines(profile: dict, top: int = 6) -> list[str]:
+    """Each contender's profiled step against its reference's: ops per step, self time, and the ops it
+    spends the most time on beyond the reference (or alone)."""
+    lines = [f"Profiled ({next(iter(profile.values()))['steps']} steps each, self {next(iter(profile.values()))['clock']} "
+             "time per step): ops and time against the reference's, then the largest excesses by op "
+             "(+ms, calls per step against the reference's):", ""]
+    for name, reference in TRAIN_REFERENCES.items():
+        if name == reference or name not in profile:
+            continue
+        mine, theirs = profile[name], profile[reference]
+        excess = sorted(((v["self_ms"] - theirs["ops"].get(op, {}).get("self_ms", 0.0), op, v["calls"],
+                          theirs["ops"].get(op, {}).get("calls", 0.0)) for op, v in mine["ops"].items()), reverse=True)
+        lines.append(f"- {name}: {mine['calls']:.0f} ops, {mine['self_ms']:.1f} ms against {reference}'s "
+                     f"{theirs['calls']:.0f} ops, {theirs['self_ms']:.1f} ms; "
+                     + ", ".join(f"`{op}` {extra:+.2f} ms ({c:.0f} vs {rc:.0f})"
+                                 for extra, op, c, rc in excess[:top] if extra > 0))
+    return lines + [""]
+
+
 def _infer_table(block: dict, title: str, unit: str) -> list[str]:
     lines = [f"| {title} | reference | {unit} | above the bare model | overhead ratio | time ratio |",
              "|---|---|---|---|---|---|"]
@@ -627,6 +672,8 @@ def _report(results: dict) -> str:
             lines += [f"## {m['model']} ({m['parameters'] / 1e6:.1f}M parameters), batch {c['batch'][0]} x "
                       f"{c['batch'][1]} tokens, r = {c['r']}", ""]
             lines += _train_table(c["train"], c["floor"], "training step") + [""]
+            if "profile" in c:
+                lines += _profile_lines(c["profile"])
             if "compiled" in c:
                 comp = c["compiled"]
                 if "error" in comp:

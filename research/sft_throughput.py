@@ -3,17 +3,25 @@ TRL's SFTTrainer with PEFT LoRA (issue 18, point 3).
 
 Both train SmolLM2 with LoRA (r 8 on q_proj / v_proj, fp32, AdamW) on the same items of the commonsense
 mix, rendered by the same template, with the same sequence length and batch size, for the same number
-of optimizer steps, one after the other in alternating order over several rounds (drift cancels; a
-round's ratio is taken within it). TRL runs with its best settings for a CPU: packing on (best-fit
-decreasing: whole examples packed into rows of `max_length` tokens, no padding at all, the examples kept
-apart by position ids), the loss on the completions only, no data-loader workers. replora runs as a user
-would run it (length-grouped batches, not packed).
+of optimizer steps, one after the other over several rounds, each side first in turn (drift cancels; a
+round's ratio is taken within it). TRL runs with its best settings for a CPU, packing on, in both of its
+packing strategies: `bfd` (its default: whole examples packed by best-fit decreasing, no padding, the
+batch flattened into one row with the examples kept apart by position ids: padding-free, made for
+FlashAttention's variable-length kernels) and `wrapped` (the token stream cut into rows of `max_length`,
+ordinary causal attention within each row, across the examples' boundaries); the loss on the
+completions only, gradient checkpointing off (TRL turns it on by default, which trades time for memory),
+no data-loader workers. replora is compared with the faster TRL of each round, and with each. replora
+runs as a user would run it (length-grouped batches, not packed).
 
 The figure compared is **real tokens per second of training** (tokens that are not padding, prompt and
 response, through forward, backward and the optimizer step): replora's from its training window (the
 time between validations, so neither validation nor the final test counts), TRL's from its own
 `num_tokens` over its training time. Each side's padding fraction is reported too (TRL's is 0 by
 construction: packing leaves no padding). Writes sft_throughput.json / .md under --output.
+
+`--profile STEPS`: instead, each side trains STEPS steps under torch.profiler (set-up included: loading the
+model and preparing the data, a small share of a few steps), and sft_profile.md lists the ops where each
+spends its time, to say where a gap comes from.
 """
 from __future__ import annotations
 
@@ -54,7 +62,10 @@ def trl_rows(items: int, seed: int) -> list[dict]:
             for e in _training_examples(load_task("commonsense"), settings)]
 
 
-def trl_run(rows: list[dict], steps: int, batch: int, max_length: int, seed: int) -> dict:
+PACKING = ("bfd", "wrapped")  # TRL's packing strategies: its default, and the one a CPU runs faster (below)
+
+
+def trl_run(rows: list[dict], steps: int, batch: int, max_length: int, seed: int, packing: str = "bfd") -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -64,10 +75,11 @@ def trl_run(rows: list[dict], steps: int, batch: int, max_length: int, seed: int
     model, tokenizer = load_causal_lm("smollm2")
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, max_length=max_length,
-                         packing=True, completion_only_loss=True, learning_rate=1e-3, lr_scheduler_type="linear",
+                         packing=True, packing_strategy=packing, completion_only_loss=True, learning_rate=1e-3, lr_scheduler_type="linear",
                          seed=seed, report_to=[], save_strategy="no", logging_steps=steps,
                          dataloader_num_workers=0, bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(),
-                         disable_tqdm=True)
+                         disable_tqdm=True,
+                         gradient_checkpointing=False)  # TRL's default (True) recomputes activations: slower, only saves memory
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                              peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                                     task_type="CAUSAL_LM"))
@@ -86,40 +98,83 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", type=int, metavar="STEPS", help="profile STEPS steps of each side instead")
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     rows = trl_rows(args.items, 0)
+    if args.profile:
+        return profile_sides(rows, args)
+    sides = {"replora": lambda: replora_run(args.items, args.steps, args.batch_size, args.max_length, 0),
+             **{f"trl-{p}": (lambda p=p: trl_run(rows, args.steps, args.batch_size, args.max_length, 0, packing=p))
+                for p in PACKING}}
     rounds = []
     for r in range(args.rounds):
-        order = ("replora", "trl") if r % 2 == 0 else ("trl", "replora")
+        names = list(sides)[r % len(sides):] + list(sides)[:r % len(sides)]  # each side first in turn
         got = {}
-        for who in order:
-            got[who] = (replora_run if who == "replora" else
-                        lambda *a: trl_run(rows, *a[1:]))(args.items, args.steps, args.batch_size, args.max_length, 0)
+        for who in names:
+            got[who] = sides[who]()
             print(f"round {r + 1} {who}: {got[who]['tokens_per_second']:.0f} tokens/s, padding "
                   f"{got[who]['padding_fraction']:.3f}", flush=True)
+        got["trl-best"] = max((got[f"trl-{p}"] for p in PACKING), key=lambda g: g["tokens_per_second"])
         rounds.append(got)
-    ratios = [g["replora"]["tokens_per_second"] / g["trl"]["tokens_per_second"] for g in rounds]
-    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    ratios = {t: _quartiles([g["replora"]["tokens_per_second"] / g[t]["tokens_per_second"] for g in rounds])
+              for t in [f"trl-{p}" for p in PACKING] + ["trl-best"]}
     summary = {"settings": vars(args), "torch_threads": torch.get_num_threads(), "machine": platform.platform(),
-               "rounds": rounds, "ratio_median": statistics.median(ratios), "ratio_quartiles": [q[0], q[2]]}
+               "rounds": rounds, "ratios": ratios}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sft_throughput.json").write_text(json.dumps(summary, indent=2) + "\n")
-    med = lambda who, k: statistics.median(g[who][k] for g in rounds)  # noqa: E731
+    med = lambda who: statistics.median(g[who]["tokens_per_second"] for g in rounds)  # noqa: E731
+    pad = statistics.median(g["replora"]["padding_fraction"] for g in rounds)
+    ratio = lambda t: f"{ratios[t]['median']:.2f}x [{ratios[t]['q1']:.2f}, {ratios[t]['q3']:.2f}]"  # noqa: E731
     text = "\n".join([
         "# Generative fine-tuning throughput: replora against TRL SFTTrainer + PEFT LoRA", "",
         f"SmolLM2-135M, LoRA r 8 on q/v, batch {args.batch_size}, max length {args.max_length}, {args.steps} steps, "
-        f"{args.items} commonsense items, {args.rounds} rounds in alternating order, {torch.get_num_threads()} "
-        "threads. Real (non-padding) tokens per second of training, median over rounds.", "",
-        "| | tokens/s | padding fraction |", "|---|---|---|",
-        f"| replora (length-grouped) | {med('replora', 'tokens_per_second'):.0f} | {med('replora', 'padding_fraction'):.3f} |",
-        f"| TRL SFTTrainer + PEFT LoRA (packing) | {med('trl', 'tokens_per_second'):.0f} | 0 |", "",
-        f"replora / TRL: median {summary['ratio_median']:.2f}x (quartiles {q[0]:.2f}–{q[2]:.2f}) over "
-        f"{args.rounds} rounds.", ""])
+        f"{args.items} commonsense items, {args.rounds} rounds (each side first in turn), {torch.get_num_threads()} "
+        "threads. Real (non-padding) tokens per second of training, median over rounds; replora's / TRL's "
+        "within each round, median [quartiles].", "",
+        "| | tokens/s | padding fraction | replora / it |", "|---|---|---|---|",
+        f"| replora (length-grouped batches) | {med('replora'):.0f} | {pad:.3f} | |",
+        f"| TRL, packing `bfd` (its default: whole examples, kept apart, padding-free) | {med('trl-bfd'):.0f} | 0 | "
+        f"{ratio('trl-bfd')} |",
+        f"| TRL, packing `wrapped` (rows of {args.max_length} tokens cut across examples) | {med('trl-wrapped'):.0f} | 0 "
+        f"| {ratio('trl-wrapped')} |",
+        f"| TRL, the faster of the two in each round | {med('trl-best'):.0f} | 0 | {ratio('trl-best')} |", "",
+        "Padding-free `bfd` packing puts a whole batch in one row and keeps its examples apart by position ids: "
+        "fast with FlashAttention's variable-length kernels, but without them (a CPU) the attention runs over "
+        f"the whole row ({args.batch_size} x {args.max_length} tokens) under a block-diagonal mask. `wrapped` "
+        "attends within rows of max length, across the examples' boundaries (a different objective).", ""])
     (out / "sft_throughput.md").write_text(text)
     print(text)
+    return 0
+
+
+def _quartiles(values: list[float]) -> dict:
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return {"median": statistics.median(values), "q1": q[0], "q3": q[2]}
+
+
+def profile_sides(rows: list[dict], args) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    text = [f"# Where a step goes: replora and TRL SFTTrainer + PEFT LoRA, {args.profile} steps each", "",
+            f"SmolLM2-135M, LoRA r 8 on q/v, batch {args.batch_size}, max length {args.max_length}, "
+            f"{torch.get_num_threads()} threads; self CPU time of each op over the steps and their set-up.", ""]
+    for who, run in (("replora", lambda: replora_run(args.items, args.profile, args.batch_size, args.max_length, 0)),
+                     *((f"TRL {p}", lambda p=p: trl_run(rows, args.profile, args.batch_size, args.max_length, 0, packing=p))
+                       for p in PACKING)):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            got = run()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) / 1e6
+        text += [f"## {who}: {got['tokens_per_second']:.0f} real tokens/s under the profiler, {total:.1f} s of "
+                 "self CPU time", "", "```", events.table(sort_by="self_cpu_time_total", row_limit=20), "```", ""]
+        print(text[-5], flush=True)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sft_profile.md").write_text("\n".join(text))
+    print(f"written {out / 'sft_profile.md'}")
     return 0
 
 

@@ -228,6 +228,30 @@ def test_bench_runs_on_a_tiny_model_in_seconds(tmp_path, tiny_folders, tiny_lm_f
     assert (tmp_path / "b" / "bench.png").stat().st_size > 1000
 
 
+def test_bench_profile_says_where_each_contender_spends_its_step(tmp_path, tiny_folders):
+    args = ["bench", "--models", tiny_folders["bert"], "--batches", "2x8", "--ranks", "4", "--rounds", "1",
+            "--min-time", "0", "--threads", "1", "--profile", "2", "--output", str(tmp_path / "p")]
+    assert main(args) == 0
+    (config,) = json.loads((tmp_path / "p" / "bench.json").read_text())["models"][0]["configs"]
+    profile = config["profile"]
+    assert set(profile) == {"floor"} | set(bench.TRAIN_REFERENCES)
+    for name, p in profile.items():
+        assert p["steps"] == 2 and p["clock"] == "cpu"
+        assert p["calls"] == pytest.approx(sum(v["calls"] for v in p["ops"].values()))
+        # Per step: every contender runs the floor's ops and more (its factors, their gradients, AdamW).
+        if name != "floor":
+            assert p["calls"] > profile["floor"]["calls"] and p["ops"]["aten::mm"]["calls"] > profile["floor"]["ops"]["aten::mm"]["calls"]
+    # The frozen model's step has no optimizer; every contender's has one AdamW step per training step.
+    assert not any("Optimizer.step" in op for op in profile["floor"]["ops"])
+    assert all(any("Optimizer.step" in op and v["calls"] == 1 for op, v in profile[n]["ops"].items())
+               for n in bench.TRAIN_REFERENCES)
+    report = (tmp_path / "p" / "bench.md").read_text()
+    assert "Profiled (2 steps each" in report
+    assert sum(line.startswith("- replora-") for line in report.splitlines()) == len(bench.CONTENDERS)
+    with pytest.raises(ValueError, match="profile"):
+        bench.BenchSettings(profile=-1).validate()
+
+
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # layer 0: no input needs a gradient
 def test_bench_floor_reaches_every_adapted_layer_and_no_further():
     """The floor's backward computes the gradient at every target's output (what an adapter needs), and not
