@@ -52,6 +52,31 @@ def test_labels_mask_the_prompt_and_the_loss_reads_only_the_response(tiny_lm_fol
     torch.testing.assert_close(loss, nll / count)
 
 
+def test_the_loss_projects_onto_the_vocabulary_only_where_a_response_token_is_next(tiny_lm_folders):
+    model, tok = load(tiny_lm_folders["plain"])
+    rows = [{"prompt": " ".join(["long prompt"] * 12), "response": "yes"}, {"prompt": "short", "response": "no no"}]
+    batch = generative.SFTCollator(tok.pad_token_id)([generative.encode(r, tok, 64) for r in rows])
+    widths = []
+    model.lm_head.register_forward_hook(lambda m, i, o: widths.append(i[0].shape[1]))
+    loss, count = generative.response_loss(model, batch)
+    targets = batch["labels"][:, 1:]
+    # Only the positions some row needs: fewer than the sequence (most of it is the long prompt).
+    assert widths == [int((targets != IGNORE).any(0).sum())] and widths[0] < batch["input_ids"].shape[1] // 2
+
+    class NoKeep(torch.nn.Module):  # a causal LM whose forward does not take logits_to_keep
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    full, full_count = generative.response_loss(NoKeep(model), batch)
+    assert widths[-1] == batch["input_ids"].shape[1] and full_count == count
+    torch.testing.assert_close(loss, full)
+    torch.testing.assert_close(loss, model(**batch).loss)
+
+
 def test_long_prompts_lose_their_start_and_are_counted(tiny_lm_folders):
     _, tok = load(tiny_lm_folders["plain"])
     stats = {}

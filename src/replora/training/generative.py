@@ -12,6 +12,7 @@ attention kernels do not do without a full mask per batch.
 """
 from __future__ import annotations
 
+import inspect
 import random
 import re
 import string
@@ -110,14 +111,28 @@ def padding_fraction(features: list[dict], batch_size: int) -> float:
 
 def response_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     """(mean cross-entropy over the batch's response tokens, how many there are). Computed here rather
-    than by the model, so that the sum over a whole evaluation set can be taken exactly."""
+    than by the model, so that the sum over a whole evaluation set can be taken exactly.
+
+    The output layer runs only at the positions that predict a response token in some row of the batch
+    (transformers' `logits_to_keep` as indices): the prompt's logits would be thrown away, and the
+    projection onto the vocabulary (and its softmax) is a large share of a small LM's step."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits[:, :-1].float()
-    targets = batch["labels"][:, 1:]
+    targets = batch["labels"][:, 1:]  # the logits at position t predict the token at t + 1
     count = int((targets != IGNORE).sum())
+    if _takes_logits_to_keep(model):
+        keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
+        logits, targets = model(**inputs, logits_to_keep=keep).logits.float(), targets[:, keep]
+    else:  # a model without the argument computes them all
+        logits = model(**inputs).logits[:, :-1].float()
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
                            reduction="sum")
     return loss / max(count, 1), count
+
+
+def _takes_logits_to_keep(model) -> bool:
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):  # DDP's wrapper, torch.compile's
+        model = getattr(model, "module", None) or model._orig_mod
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 @torch.no_grad()
