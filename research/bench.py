@@ -54,6 +54,10 @@ no contender starves another, and after the warm-up the stance is `eager_on_reco
 whose guards keep failing runs eagerly, as it would for a user once the limit of 8 is hit, instead of
 timing compilations. A contender that fails to compile is reported with its error, not timed.
 
+Generative training (causal LMs; `--sft-rounds`, 0 skips): `replora train --task sft` against TRL's
+SFTTrainer with PEFT LoRA on the commonsense mix, real tokens per second and padding, as
+`research/sft_throughput.py` says (separate runs, so it runs last, after the contenders are freed).
+
 `--profile N`: after the timings, N training steps of every contender under torch.profiler (self time of
 each op: CPU, or the GPU's on CUDA), kept per step in bench.json; the report lists, for each contender,
 its ops per step and the ops where it spends the most time beyond its reference: the profile that says
@@ -63,6 +67,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import importlib.util
 import itertools
 import json
 import logging
@@ -102,6 +107,9 @@ class BenchSettings:
     compile: bool = False
     compile_backend: str = "inductor"
     profile: int = 0  # training steps profiled per contender (0: none)
+    sft_rounds: int = 3  # rounds of generative training against TRL on each causal LM (0: none; sft_throughput.py)
+    sft_steps: int = 20
+    sft_items: int = 2000
 
     def validate(self) -> "BenchSettings":
         if not self.models:
@@ -110,6 +118,10 @@ class BenchSettings:
             raise ValueError("batches are examples x tokens, e.g. 4x32, with at least 1 example of 2 tokens")
         if not self.ranks or min(self.ranks) < 1:
             raise ValueError("ranks must be positive integers")
+        if self.sft_rounds < 0 or self.sft_steps < 1 or self.sft_items < 1:
+            raise ValueError("sft-rounds must be 0 (none) or more, sft-steps and sft-items at least 1")
+        if self.sft_rounds and importlib.util.find_spec("trl") is None:
+            raise ValueError("the comparison with TRL's SFTTrainer needs trl: pip install trl (or give --sft-rounds 0)")
         if self.profile < 0:
             raise ValueError(f"profile is a number of steps (0 for none), got {self.profile}")
         for name in ("rounds", "steps", "threads", "gen_prompts", "gen_prompt_len", "gen_tokens"):
@@ -121,7 +133,7 @@ class BenchSettings:
 
 
 # The quick look: one model, one batch, one rank, few rounds (decoding included: SmolLM2 is a causal LM).
-QUICK = {"models": ("smollm2",), "batches": ((4, 32),), "ranks": (8,), "rounds": 5}
+QUICK = {"models": ("smollm2",), "batches": ((4, 32),), "ranks": (8,), "rounds": 5, "sft_rounds": 0}
 
 # Each contender's reference; a reference paired with itself is the control (the noise floor). replora's
 # DoRA is timed against PEFT's DoRA, every other replora method against PEFT's LoRA.
@@ -481,6 +493,8 @@ def bench_model(model_name: str, s: BenchSettings, device, log=print) -> dict:
         g = torch.Generator().manual_seed(s.seed)
         batch = {"input_ids": torch.randint(5, vocab, (batch_size, seq_len), generator=g).to(device),
                  "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long, device=device)}
+        if causal:  # a training step needs no KV cache (building one copies each layer's keys and values)
+            batch["use_cache"] = False
         for r in s.ranks:
             block, models = _train_block(base, batch, r, s, device, log)
             if not causal:  # a classifier's inference: one forward pass (causal LMs: decoding, below)
@@ -498,6 +512,11 @@ def bench_model(model_name: str, s: BenchSettings, device, log=print) -> dict:
         for r in s.ranks:
             result["generation"].append({"r": r, **_generation_block(model_name, r, s, device, log)})
             gc.collect()
+    if causal and s.sft_rounds:
+        from .sft_throughput import SFTComparison, measure
+
+        result["sft"] = measure(SFTComparison(model=model_name, items=s.sft_items, steps=s.sft_steps,
+                                              rounds=s.sft_rounds, seed=s.seed), log)
     return result
 
 
@@ -601,6 +620,17 @@ def _summary_tables(results: dict) -> list[str]:
                          + " | ".join(_fmt(rows[n]["ratio"]["median"]) for n in CONTENDERS)
                          + f" | {_band(rows[CONTROL]['ratio'])} |")
         lines.append("")
+    sft = [(m, m["sft"]) for m in results["models"] if "sft" in m]
+    if sft:
+        lines += ["**Generative training, real tokens/s: replora / TRL SFTTrainer + PEFT LoRA** (median "
+                  "[quartiles] over the rounds; TRL at the faster of its packing strategies in each round):", "",
+                  "| model | replora tokens/s | TRL tokens/s | replora / TRL |", "|---|---|---|---|"]
+        for m, block in sft:
+            speed = lambda who: statistics.median(g[who]["tokens_per_second"] for g in block["rounds"])  # noqa: E731
+            best = block["ratios"]["trl-best"]
+            lines.append(f"| {m['model']} | {speed('replora'):.0f} | {speed('trl-best'):.0f} | {best['median']:.2f} "
+                         f"[{best['q1']:.2f}, {best['q3']:.2f}] |")
+        lines.append("")
     return lines
 
 
@@ -685,6 +715,11 @@ def _report(results: dict) -> str:
                 lines += [f"- {n} did not compile: {e}" for n, e in failed.items()] + ([""] if failed else [])
             if "inference" in c:
                 lines += _infer_table(c["inference"], "inference (one forward pass)", "latency (ms)") + [""]
+        if "sft" in m:
+            from .sft_throughput import report_lines
+
+            lines += [f"## {m['model']}: generative training against TRL SFTTrainer + PEFT LoRA", "",
+                      *report_lines(m["sft"])]
         for gen in m["generation"]:
             lines += [f"## {m['model']}: greedy decoding, r = {gen['r']}, {gen['prompts']} prompts x "
                       f"{gen['prompt_len']} tokens, {gen['new_tokens']} new tokens each, KV cache", ""]

@@ -112,7 +112,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "rounds": args.rounds, "steps": args.steps, "min_time": args.min_time, "threads": args.threads,
         "gen_tokens": args.gen_tokens, "generation": False if args.no_generation else None,
         "compile": True if args.compile or args.compile_backend else None,
-        "compile_backend": args.compile_backend, "profile": args.profile}.items() if v is not None})
+        "compile_backend": args.compile_backend, "profile": args.profile, "sft_rounds": args.sft_rounds,
+        "sft_steps": args.sft_steps, "sft_items": args.sft_items}.items() if v is not None})
     root = Path(args.output) if args.output else RESULTS / "bench"
     print(run_bench(BenchSettings(**overrides).validate(), root))
     print(f"results in {root}")
@@ -203,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "against compiled PEFT (each model compiled: minutes per model on a CPU)")
     bench.add_argument("--compile-backend", help="torch.compile backend for --compile (default inductor; implies "
                        "--compile; eager / aot_eager trace without generating code, for diagnosis)")
+    bench.add_argument("--sft-rounds", type=int, help="rounds of generative training against TRL's SFTTrainer + PEFT "
+                       "LoRA on each causal LM (default 3, about 27 min on SmolLM2 with 2 cores; 0 skips; --quick: 0)")
+    bench.add_argument("--sft-steps", type=int, help="optimizer steps of each side per round (default 20)")
+    bench.add_argument("--sft-items", type=int, help="commonsense items the generative runs draw from (default 2000)")
     bench.add_argument("--profile", type=int, metavar="STEPS", help="also run STEPS training steps of every contender "
                        "under torch.profiler and report where each spends its time beyond its reference")
     bench.add_argument("--output", help="folder for bench.json, bench.md, bench.png (default research/results/bench)")

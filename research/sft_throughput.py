@@ -32,53 +32,66 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from replora.saving import write_folder
+
 RESULTS = Path(__file__).parent / "results" / "sft-throughput"
+PACKING = ("bfd", "wrapped")  # TRL's packing strategies: its default, and the one a CPU runs faster (below)
 
 
-def replora_run(items: int, steps: int, batch: int, max_length: int, seed: int) -> dict:
+@dataclass
+class SFTComparison:
+    model: str = "smollm2"
+    items: int = 2000  # training items of the commonsense mix
+    steps: int = 20
+    batch_size: int = 8
+    max_length: int = 256
+    rounds: int = 3
+    seed: int = 0
+
+
+def replora_run(c: SFTComparison, steps: int) -> dict:
     from replora.training import TrainSettings, train
 
     with tempfile.TemporaryDirectory() as out:
-        m = train(TrainSettings(task="sft", model="smollm2", dataset="commonsense", method="lora", adapter={"r": 8, "lora_alpha": 16},
-                                max_train_examples=items, max_steps=steps, batch_size=batch, max_length=max_length,
-                                max_eval_examples=8, max_new_tokens=2, seed=seed, keep="last", output=out))
+        m = train(TrainSettings(task="sft", model=c.model, dataset="commonsense", method="lora",
+                                adapter={"r": 8, "lora_alpha": 16}, max_train_examples=c.items, max_steps=steps,
+                                batch_size=c.batch_size, max_length=c.max_length, max_eval_examples=8,
+                                max_new_tokens=2, seed=c.seed, keep="last", output=out))
     window = m["history"][-1]  # one window: --max-steps within one pass, validated once, at the end
     return {"tokens_per_second": window["train_tokens_per_second"], "padding_fraction": m["padding_fraction"],
             "steps": m["steps"]}
 
 
-def trl_rows(items: int, seed: int) -> list[dict]:
+def trl_rows(c: SFTComparison) -> list[dict]:
     """The same training items replora trains on, as TRL's prompt / completion rows."""
     from replora.training import TrainSettings
     from replora.training.data import load_task
     from replora.training.loop import _training_examples
 
-    settings = TrainSettings(task="sft", dataset="commonsense", max_train_examples=items, seed=seed)
+    settings = TrainSettings(task="sft", dataset="commonsense", max_train_examples=c.items, seed=c.seed)
     return [{"prompt": e["prompt"], "completion": e["response"]}
             for e in _training_examples(load_task("commonsense"), settings)]
 
 
-PACKING = ("bfd", "wrapped")  # TRL's packing strategies: its default, and the one a CPU runs faster (below)
-
-
-def trl_run(rows: list[dict], steps: int, batch: int, max_length: int, seed: int, packing: str = "bfd") -> dict:
+def trl_run(c: SFTComparison, rows: list[dict], steps: int, packing: str) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
     from replora.training.pretrained import load_causal_lm
 
-    model, tokenizer = load_causal_lm("smollm2")
+    model, tokenizer = load_causal_lm(c.model)
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, max_length=max_length,
-                         packing=True, packing_strategy=packing, completion_only_loss=True, learning_rate=1e-3, lr_scheduler_type="linear",
-                         seed=seed, report_to=[], save_strategy="no", logging_steps=steps,
-                         dataloader_num_workers=0, bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(),
-                         disable_tqdm=True,
+        args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=c.batch_size,
+                         max_length=c.max_length, packing=True, packing_strategy=packing, completion_only_loss=True,
+                         learning_rate=1e-3, lr_scheduler_type="linear", seed=c.seed, report_to=[],
+                         save_strategy="no", logging_steps=steps, dataloader_num_workers=0, bf16=False, fp16=False,
+                         use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
                          gradient_checkpointing=False)  # TRL's default (True) recomputes activations: slower, only saves memory
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                              peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
@@ -91,63 +104,55 @@ def trl_run(rows: list[dict], steps: int, batch: int, max_length: int, seed: int
             "steps": trainer.state.global_step, "seconds_with_setup": seconds}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m research.sft_throughput", description=__doc__.split("\n")[0])
-    parser.add_argument("--items", type=int, default=2000, help="training items of the commonsense mix")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--profile", type=int, metavar="STEPS", help="profile STEPS steps of each side instead")
-    parser.add_argument("--output", default=str(RESULTS))
-    args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    rows = trl_rows(args.items, 0)
-    if args.profile:
-        return profile_sides(rows, args)
-    sides = {"replora": lambda: replora_run(args.items, args.steps, args.batch_size, args.max_length, 0),
-             **{f"trl-{p}": (lambda p=p: trl_run(rows, args.steps, args.batch_size, args.max_length, 0, packing=p))
-                for p in PACKING}}
+def _sides(c: SFTComparison, steps: int) -> dict:
+    rows = trl_rows(c)
+    return {"replora": lambda: replora_run(c, steps),
+            **{f"trl-{p}": (lambda p=p: trl_run(c, rows, steps, p)) for p in PACKING}}
+
+
+def measure(c: SFTComparison, log=print) -> dict:
+    """The rounds (each side first in turn), every side's tokens/s and padding, and replora's ratio to each
+    TRL and to the faster TRL of each round, median [quartiles]."""
+    torch.manual_seed(c.seed)
+    sides = _sides(c, c.steps)
     rounds = []
-    for r in range(args.rounds):
-        names = list(sides)[r % len(sides):] + list(sides)[:r % len(sides)]  # each side first in turn
+    for r in range(c.rounds):
         got = {}
-        for who in names:
+        for who in list(sides)[r % len(sides):] + list(sides)[:r % len(sides)]:
             got[who] = sides[who]()
-            print(f"round {r + 1} {who}: {got[who]['tokens_per_second']:.0f} tokens/s, padding "
-                  f"{got[who]['padding_fraction']:.3f}", flush=True)
+            log(f"sft round {r + 1} {who}: {got[who]['tokens_per_second']:.0f} tokens/s, padding "
+                f"{got[who]['padding_fraction']:.3f}")
         got["trl-best"] = max((got[f"trl-{p}"] for p in PACKING), key=lambda g: g["tokens_per_second"])
         rounds.append(got)
     ratios = {t: _quartiles([g["replora"]["tokens_per_second"] / g[t]["tokens_per_second"] for g in rounds])
               for t in [f"trl-{p}" for p in PACKING] + ["trl-best"]}
-    summary = {"settings": vars(args), "torch_threads": torch.get_num_threads(), "machine": platform.platform(),
-               "rounds": rounds, "ratios": ratios}
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sft_throughput.json").write_text(json.dumps(summary, indent=2) + "\n")
+    import trl
+
+    return {"settings": asdict(c), "torch_threads": torch.get_num_threads(), "trl": trl.__version__,
+            "machine": platform.platform(), "rounds": rounds, "ratios": ratios}
+
+
+def report_lines(summary: dict) -> list[str]:
+    c, rounds, ratios = SFTComparison(**summary["settings"]), summary["rounds"], summary["ratios"]
     med = lambda who: statistics.median(g[who]["tokens_per_second"] for g in rounds)  # noqa: E731
     pad = statistics.median(g["replora"]["padding_fraction"] for g in rounds)
     ratio = lambda t: f"{ratios[t]['median']:.2f}x [{ratios[t]['q1']:.2f}, {ratios[t]['q3']:.2f}]"  # noqa: E731
-    text = "\n".join([
-        "# Generative fine-tuning throughput: replora against TRL SFTTrainer + PEFT LoRA", "",
-        f"SmolLM2-135M, LoRA r 8 on q/v, batch {args.batch_size}, max length {args.max_length}, {args.steps} steps, "
-        f"{args.items} commonsense items, {args.rounds} rounds (each side first in turn), {torch.get_num_threads()} "
-        "threads. Real (non-padding) tokens per second of training, median over rounds; replora's / TRL's "
-        "within each round, median [quartiles].", "",
+    return [
+        f"{c.model}, LoRA r 8 on q/v, batch {c.batch_size}, max length {c.max_length}, {c.steps} steps, {c.items} "
+        f"commonsense items, {c.rounds} rounds (each side first in turn), {summary['torch_threads']} threads, TRL "
+        f"{summary['trl']}. Real (non-padding) tokens per second of training, median over rounds; replora's / "
+        "TRL's within each round, median [quartiles].", "",
         "| | tokens/s | padding fraction | replora / it |", "|---|---|---|---|",
         f"| replora (length-grouped batches) | {med('replora'):.0f} | {pad:.3f} | |",
         f"| TRL, packing `bfd` (its default: whole examples, kept apart, padding-free) | {med('trl-bfd'):.0f} | 0 | "
         f"{ratio('trl-bfd')} |",
-        f"| TRL, packing `wrapped` (rows of {args.max_length} tokens cut across examples) | {med('trl-wrapped'):.0f} | 0 "
+        f"| TRL, packing `wrapped` (rows of {c.max_length} tokens cut across examples) | {med('trl-wrapped'):.0f} | 0 "
         f"| {ratio('trl-wrapped')} |",
         f"| TRL, the faster of the two in each round | {med('trl-best'):.0f} | 0 | {ratio('trl-best')} |", "",
         "Padding-free `bfd` packing puts a whole batch in one row and keeps its examples apart by position ids: "
         "fast with FlashAttention's variable-length kernels, but without them (a CPU) the attention runs over "
-        f"the whole row ({args.batch_size} x {args.max_length} tokens) under a block-diagonal mask. `wrapped` "
-        "attends within rows of max length, across the examples' boundaries (a different objective).", ""])
-    (out / "sft_throughput.md").write_text(text)
-    print(text)
-    return 0
+        f"the whole row ({c.batch_size} x {c.max_length} tokens) under a block-diagonal mask. `wrapped` "
+        "attends within rows of max length, across the examples' boundaries (a different objective).", ""]
 
 
 def _quartiles(values: list[float]) -> dict:
@@ -155,15 +160,13 @@ def _quartiles(values: list[float]) -> dict:
     return {"median": statistics.median(values), "q1": q[0], "q3": q[2]}
 
 
-def profile_sides(rows: list[dict], args) -> int:
+def profile_sides(c: SFTComparison, steps: int) -> str:
     from torch.profiler import ProfilerActivity, profile
 
-    text = [f"# Where a step goes: replora and TRL SFTTrainer + PEFT LoRA, {args.profile} steps each", "",
-            f"SmolLM2-135M, LoRA r 8 on q/v, batch {args.batch_size}, max length {args.max_length}, "
+    text = [f"# Where a step goes: replora and TRL SFTTrainer + PEFT LoRA, {steps} steps each", "",
+            f"{c.model}, LoRA r 8 on q/v, batch {c.batch_size}, max length {c.max_length}, "
             f"{torch.get_num_threads()} threads; self CPU time of each op over the steps and their set-up.", ""]
-    for who, run in (("replora", lambda: replora_run(args.items, args.profile, args.batch_size, args.max_length, 0)),
-                     *((f"TRL {p}", lambda p=p: trl_run(rows, args.profile, args.batch_size, args.max_length, 0, packing=p))
-                       for p in PACKING)):
+    for who, run in _sides(c, steps).items():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             got = run()
         events = prof.key_averages()
@@ -171,10 +174,38 @@ def profile_sides(rows: list[dict], args) -> int:
         text += [f"## {who}: {got['tokens_per_second']:.0f} real tokens/s under the profiler, {total:.1f} s of "
                  "self CPU time", "", "```", events.table(sort_by="self_cpu_time_total", row_limit=20), "```", ""]
         print(text[-5], flush=True)
+    return "\n".join(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m research.sft_throughput", description=__doc__.split("\n")[0])
+    d = SFTComparison()
+    parser.add_argument("--model", default=d.model)
+    parser.add_argument("--items", type=int, default=d.items, help="training items of the commonsense mix")
+    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--max-length", type=int, default=d.max_length)
+    parser.add_argument("--rounds", type=int, default=d.rounds)
+    parser.add_argument("--profile", type=int, metavar="STEPS", help="profile STEPS steps of each side instead")
+    parser.add_argument("--output", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    c = SFTComparison(model=args.model, items=args.items, steps=args.steps, batch_size=args.batch_size,
+                      max_length=args.max_length, rounds=args.rounds)
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sft_profile.md").write_text("\n".join(text))
-    print(f"written {out / 'sft_profile.md'}")
+    if args.profile:
+        text = profile_sides(c, args.profile)
+        write_folder(out, lambda folder: (folder / "sft_profile.md").write_text(text))
+        print(f"written {out / 'sft_profile.md'}")
+        return 0
+    summary = measure(c)
+    text = "\n".join(["# Generative fine-tuning throughput: replora against TRL SFTTrainer + PEFT LoRA", "",
+                      *report_lines(summary)])
+
+    def publish(folder: Path) -> None:  # each file replaced whole
+        (folder / "sft_throughput.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (folder / "sft_throughput.md").write_text(text)
+    write_folder(out, publish)
+    print(text)
     return 0
 
 

@@ -182,7 +182,7 @@ def test_bench_runs_on_a_tiny_model_in_seconds(tmp_path, tiny_folders, tiny_lm_f
     # A classifier (training + one forward pass) and a causal LM (training + greedy decoding).
     args = ["bench", "--models", tiny_folders["bert"], tiny_lm_folders["plain"], "--batches", "2x8", "--ranks", "4",
             "--rounds", "2", "--min-time", "0.01", "--threads", "1", "--gen-tokens", "3",
-            "--output", str(tmp_path / "b")]
+            "--sft-rounds", "2", "--sft-steps", "2", "--sft-items", "40", "--output", str(tmp_path / "b")]
     assert main(args) == 0
     results = json.loads((tmp_path / "b" / "bench.json").read_text())
     bert, lm = results["models"]
@@ -221,8 +221,17 @@ def test_bench_runs_on_a_tiny_model_in_seconds(tmp_path, tiny_folders, tiny_lm_f
     assert set(rows) == set(bench.INFER_REFERENCES) | {"base"}
     assert all(v["tokens_per_s"] > 0 and v["ratio"]["rounds"] == 2 for v in rows.values())
     assert rows["replora-replora"]["reference"] == "peft-lora" and len(rows["replora-replora"]["times_s"][0]) == 3
+    # Generative training against TRL, on the causal LM only: each round ran replora and both TRL packings.
+    assert "sft" not in bert
+    sft = lm["sft"]
+    assert sft["settings"]["model"] == tiny_lm_folders["plain"] and len(sft["rounds"]) == 2
+    for g in sft["rounds"]:
+        assert all(g[who]["tokens_per_second"] > 0 and g[who]["steps"] == 2 for who in ("replora", "trl-bfd", "trl-wrapped"))
+        assert g["trl-best"]["tokens_per_second"] == max(g["trl-bfd"]["tokens_per_second"], g["trl-wrapped"]["tokens_per_second"])
+    ratios = sorted(g["replora"]["tokens_per_second"] / g["trl-best"]["tokens_per_second"] for g in sft["rounds"])
+    assert sft["ratios"]["trl-best"]["median"] == pytest.approx(sum(ratios) / 2)
     report = (tmp_path / "b" / "bench.md").read_text()
-    for text in ("floor (frozen model, no adapter)", "overhead ratio", "time ratio", "memory ratio",
+    for text in ("Generative training, real tokens/s", "generative training against TRL SFTTrainer", "overhead ratio", "time ratio", "memory ratio",
                  "Greedy decoding", "tokens/s", "inference (one forward pass)", "peft-lora (control)"):
         assert text in report
     assert (tmp_path / "b" / "bench.png").stat().st_size > 1000
@@ -309,13 +318,14 @@ def test_bench_options_and_the_quick_subset(monkeypatch, tmp_path):
     assert main(["bench", "--quick", "--output", str(tmp_path)]) == 0
     quick = seen["settings"]
     assert (quick.models, quick.batches, quick.ranks, quick.rounds) == (("smollm2",), ((4, 32),), (8,), 5)
-    assert quick.generation and not quick.compile
+    assert quick.generation and not quick.compile and quick.sft_rounds == 0  # (TRL's runs take minutes)
     assert main(["bench", "--quick", "--ranks", "64", "--batches", "16x64", "--compile"]) == 0
     assert seen["settings"].ranks == (64,) and seen["settings"].batches == ((16, 64),) and seen["settings"].compile
     assert seen["settings"].compile_backend == "inductor"
     assert main(["bench"]) == 0
     full = seen["settings"]
     assert (full.models, full.batches, full.ranks) == (("minilm", "smollm2"), ((4, 32), (16, 64)), (8, 64))
+    assert (full.sft_rounds, full.sft_steps, full.sft_items) == (3, 20, 2000)
 
 
 def test_bench_refuses_bad_options_in_one_line(capsys):

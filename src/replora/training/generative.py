@@ -119,7 +119,10 @@ def response_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = batch["labels"][:, 1:]  # the logits at position t predict the token at t + 1
     count = int((targets != IGNORE).sum())
-    if _takes_logits_to_keep(model):
+    takes = _forward_arguments(model)
+    if "use_cache" in takes:  # no KV cache: building one would copy every layer's keys and values
+        inputs["use_cache"] = False
+    if "logits_to_keep" in takes:
         keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
         logits, targets = model(**inputs, logits_to_keep=keep).logits.float(), targets[:, keep]
     else:  # a model without the argument computes them all
@@ -129,10 +132,10 @@ def response_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     return loss / max(count, 1), count
 
 
-def _takes_logits_to_keep(model) -> bool:
+def _forward_arguments(model) -> set[str]:
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):  # DDP's wrapper, torch.compile's
         model = getattr(model, "module", None) or model._orig_mod
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return set(inspect.signature(model.forward).parameters)
 
 
 @torch.no_grad()
