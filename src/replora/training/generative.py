@@ -133,9 +133,9 @@ def response_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
 
 
 def _forward_arguments(model) -> set[str]:
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):  # DDP's wrapper, torch.compile's
-        model = getattr(model, "module", None) or model._orig_mod
-    return set(inspect.signature(model.forward).parameters)
+    from accelerate.utils import extract_model_from_parallel  # (DDP's wrapper, torch.compile's)
+
+    return set(inspect.signature(extract_model_from_parallel(model, keep_torch_compile=False).forward).parameters)
 
 
 @torch.no_grad()
