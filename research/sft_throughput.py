@@ -39,6 +39,8 @@ import torch
 
 from replora.saving import write_folder
 
+from .bench import _quartiles
+
 RESULTS = Path(__file__).parent / "results" / "sft-throughput"
 PACKING = ("bfd", "wrapped")  # TRL's packing strategies: its default, and the one a CPU runs faster (below)
 
@@ -153,11 +155,6 @@ def report_lines(summary: dict) -> list[str]:
         "fast with FlashAttention's variable-length kernels, but without them (a CPU) the attention runs over "
         f"the whole row ({c.batch_size} x {c.max_length} tokens) under a block-diagonal mask. `wrapped` "
         "attends within rows of max length, across the examples' boundaries (a different objective).", ""]
-
-
-def _quartiles(values: list[float]) -> dict:
-    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
-    return {"median": statistics.median(values), "q1": q[0], "q3": q[2]}
 
 
 def profile_sides(c: SFTComparison, steps: int) -> str:
