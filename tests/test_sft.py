@@ -77,6 +77,24 @@ def test_the_loss_projects_onto_the_vocabulary_only_where_a_response_token_is_ne
     torch.testing.assert_close(loss, model(**batch).loss)
 
 
+def test_choice_logliks_are_each_candidates_mean_log_probability_per_token(tiny_lm_folders):
+    model, tok = load(tiny_lm_folders["plain"])
+    example = {"prompt": "the sky is " + " ".join(["very"] * 10), "response": "?"}
+    candidates = ["blue", "a deep shade of green"]  # unequal lengths: the shorter is padded
+    widths = []
+    model.lm_head.register_forward_hook(lambda m, i, o: widths.append(i[0].shape[1]))
+    got = generative.choice_logliks(model, tok, example, candidates, max_length=64)
+    expected = []
+    for c in candidates:  # one at a time, every position's logits
+        f = generative.encode({**example, "response": c}, tok, 64)
+        ids, labels = torch.tensor([f["input_ids"]]), torch.tensor(f["labels"][1:])
+        logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        expected.append(logp[labels != IGNORE].gather(-1, labels[labels != IGNORE][:, None]).mean().item())
+    assert got == pytest.approx(expected, abs=1e-5)
+    # The batched call projected only the answers' positions onto the vocabulary, not the long prompt's.
+    assert widths[0] < len(generative.encode({**example, "response": candidates[1]}, tok, 64)["input_ids"]) // 2
+
+
 def test_long_prompts_lose_their_start_and_are_counted(tiny_lm_folders):
     _, tok = load(tiny_lm_folders["plain"])
     stats = {}

@@ -111,25 +111,30 @@ def padding_fraction(features: list[dict], batch_size: int) -> float:
 
 def response_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     """(mean cross-entropy over the batch's response tokens, how many there are). Computed here rather
-    than by the model, so that the sum over a whole evaluation set can be taken exactly.
+    than by the model, so that the sum over a whole evaluation set can be taken exactly."""
+    logits, targets = response_logits(model, batch)
+    count = int((targets != IGNORE).sum())
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+    return loss / max(count, 1), count
 
-    The output layer runs only at the positions that predict a response token in some row of the batch
-    (transformers' `logits_to_keep` as indices): the prompt's logits would be thrown away, and the
-    projection onto the vocabulary (and its softmax) is a large share of a small LM's step."""
+
+def response_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float logits, the tokens they predict), both (rows, positions): the positions that predict a
+    response token in some row of the batch; the rest of each row's targets are IGNORE.
+
+    The output layer runs only there (transformers' `logits_to_keep` as indices): the prompt's logits
+    would be thrown away, and the projection onto the vocabulary (and its softmax) is a large share of a
+    small LM's step."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = batch["labels"][:, 1:]  # the logits at position t predict the token at t + 1
-    count = int((targets != IGNORE).sum())
     takes = _forward_arguments(model)
     if "use_cache" in takes:  # no KV cache: building one would copy every layer's keys and values
         inputs["use_cache"] = False
     if "logits_to_keep" in takes:
         keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
-        logits, targets = model(**inputs, logits_to_keep=keep).logits.float(), targets[:, keep]
-    else:  # a model without the argument computes them all
-        logits = model(**inputs).logits[:, :-1].float()
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
-                           reduction="sum")
-    return loss / max(count, 1), count
+        return model(**inputs, logits_to_keep=keep).logits.float(), targets[:, keep]
+    return model(**inputs).logits[:, :-1].float(), targets  # a model without the argument computes them all
 
 
 def _forward_arguments(model) -> set[str]:
@@ -207,8 +212,7 @@ def choice_logliks(model, tokenizer, example: dict, candidates: list[str], max_l
     device = next(model.parameters()).device
     features = [encode({**example, "response": c}, tokenizer, max_length) for c in candidates]
     batch = {k: v.to(device) for k, v in SFTCollator(tokenizer.pad_token_id)(features).items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    targets = batch["labels"][:, 1:]
+    logits, targets = response_logits(model, batch)
     logp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     keep = targets != IGNORE
     # EOS is part of every candidate: it says the answer ends there, as trained.
