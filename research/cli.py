@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
+import shlex
 import sys
 from pathlib import Path
 
 from replora.methods import METHODS
+from replora.saving import write_folder
 from replora.training import FULL
 from replora.training.settings import HEAD
 from replora.training.cli import run_command
 
-from .experiments import GRIDS
+from .experiments import GRIDS, Grid, NotFinished
 
 RESULTS = Path(__file__).parent / "results"  # the default output folders, wherever the command runs from
 
@@ -49,6 +53,18 @@ def _overridden(grid, args: argparse.Namespace, name: str):
     return grid
 
 
+def record(root: Path, report: str, args: argparse.Namespace, runs: Path | None = None, **settings) -> None:
+    """`<report>.settings.json` in root: what `python -m research report` rebuilds the report from, and the
+    command that made it (which also resumes it)."""
+    saved = {"report": report, "command": shlex.join(["python", "-m", "research", *args.argv]),
+             "runs": os.path.relpath(runs, root) if runs else None, **settings}
+    write_folder(root, lambda folder: (folder / f"{report}.settings.json").write_text(json.dumps(saved, indent=2) + "\n"))
+
+
+def _grid_json(grid: Grid) -> dict:
+    return {k: v for k, v in dataclasses.asdict(grid).items() if k != "report_only"}
+
+
 def cmd_grid(args: argparse.Namespace) -> int:
     """sample-efficiency and ablations: a grid of training runs, resumable."""
     from . import experiments
@@ -56,6 +72,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     grid = _overridden(GRIDS[args.grid], args, args.grid)
     root = Path(args.output) if args.output else RESULTS / args.grid  # the experiments of a grid share its runs
     runs = Path(args.runs) if args.runs else None
+    record(root, args.command.replace("-", "_"), args, runs, grid=_grid_json(grid))
     if args.command == "sample-efficiency":
         print(experiments.sample_efficiency(grid, root, runs))
     else:
@@ -72,7 +89,10 @@ def cmd_commonsense(args: argparse.Namespace) -> int:
     s = dataclasses.replace(s, grid=_overridden(s.grid, args, "commonsense"),
                             items_per_task=args.items_per_task or s.items_per_task)
     root = Path(args.output) if args.output else RESULTS / "commonsense"
-    print(commonsense_table(s, root, Path(args.runs) if args.runs else None))
+    runs = Path(args.runs) if args.runs else None
+    record(root, "commonsense", args, runs, grid=_grid_json(s.grid), items_per_task=s.items_per_task,
+           equal_steps=s.equal_steps)
+    print(commonsense_table(s, root, runs))
     print(f"results in {root}")
     return 0
 
@@ -85,9 +105,58 @@ def cmd_theory(args: argparse.Namespace) -> int:
                                    "cases": tuple(dict.fromkeys(args.cases)) if args.cases else None,
                                    "r_true": args.r_true, "r_fit": args.r_fit}.items() if v is not None}
     root = Path(args.output) if args.output else RESULTS / "theory"
-    print(run_theory(TheorySettings(**overrides), root))
+    settings = TheorySettings(**overrides)
+    print(run_theory(settings, root))
+    record(root, "theory", args, settings=dataclasses.asdict(settings))  # after theory.csv: a rerun replaces both
     print(f"results in {root}")
     return 0
+
+
+def rebuild(saved: dict, root: Path) -> None:
+    """One report rebuilt from its settings file and the finished runs (or theory.csv) beside it; trains,
+    scores and simulates nothing: a missing run is NotFinished."""
+    from . import experiments
+    from .commonsense_table import CommonsenseGrid, commonsense_table
+    from .theory import TheorySettings, read_rows, theory_report
+
+    runs = root / saved["runs"] if saved.get("runs") else None
+    if saved["report"] == "theory":
+        s = saved["settings"]
+        settings = TheorySettings(**{**s, "ns": tuple(s["ns"]), "cases": tuple(s["cases"])})
+        if not (root / "theory.csv").is_file():
+            raise NotFinished(f"{root / 'theory.csv'} is missing")
+        theory_report(read_rows(root / "theory.csv"), settings, root)
+        return
+    grid = dataclasses.replace(Grid.from_json(saved["grid"]), report_only=True)
+    if saved["report"] == "commonsense":
+        s = CommonsenseGrid(grid=grid, items_per_task=saved["items_per_task"], equal_steps=tuple(saved["equal_steps"]))
+        commonsense_table(s, root, runs)
+    elif saved["report"] == "sample_efficiency":
+        experiments.sample_efficiency(grid, root, runs)
+    else:
+        experiments.ablations(grid, root, runs)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Every report under the results folder rebuilt from what its command left there."""
+    results = Path(args.results) if args.results else RESULTS
+    found = sorted(results.rglob("*.settings.json"))
+    if not found:
+        raise ValueError(f"no reports under {results} (none has a <report>.settings.json): run a grid, "
+                         "`python -m research commonsense` or `python -m research theory` first")
+    unfinished = 0
+    for path in found:
+        saved = json.loads(path.read_text())
+        name = path.parent / f"{saved['report']}.md"
+        name = name.relative_to(Path.cwd()) if name.is_relative_to(Path.cwd()) else name
+        try:
+            rebuild(saved, path.parent)
+            print(f"{name}: rebuilt")
+        except NotFinished as e:
+            unfinished += 1
+            print(f"{name}: not rebuilt, {e}; `{saved['command']}` finishes it")
+    print(f"{len(found) - unfinished} of {len(found)} reports rebuilt")
+    return 1 if unfinished else 0
 
 
 def parse_batch(value: str) -> tuple[int, int]:
@@ -212,11 +281,24 @@ def build_parser() -> argparse.ArgumentParser:
                        "under torch.profiler and report where each spends its time beyond its reference")
     bench.add_argument("--output", help="folder for bench.json, bench.md, bench.png (default research/results/bench)")
     bench.set_defaults(func=cmd_bench)
+
+    report = sub.add_parser("report", help="rebuild every report's tables and plots from its finished runs",
+                            description="Rebuild the .md / .csv / .png of every report under the results folder "
+                                        "(the grids, the commonsense table, the theory simulation) from the finished "
+                                        "runs' files (or theory.csv) and the settings file its command left; nothing "
+                                        "is trained, scored or simulated. Exits 1 when a report still has runs to "
+                                        "finish, and names the command that finishes it.")
+    report.add_argument("--results", help="results folder searched for <report>.settings.json (default "
+                                          "research/results)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser().parse_args(argv), prog="research", resume_hint="rerun the same command to resume")
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded beside each report (record)
+    return run_command(args, prog="research", resume_hint="rerun the same command to resume")
 
 
 if __name__ == "__main__":

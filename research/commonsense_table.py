@@ -23,7 +23,7 @@ from replora.training.commonsense import TASKS
 from replora.training.evaluation import evaluate_generative
 from replora.training.settings import EvalSettings
 
-from .experiments import ADAPTER_LRS, Grid, claim_2_verdict, pick_lrs, run_key, run_one
+from .experiments import ADAPTER_LRS, Grid, NotFinished, claim_2_verdict, pick_lrs, run_key, run_one
 from .reports import fmt, mean_std, paired, write_csv
 
 SCORINGS = ("generate", "loglik")
@@ -53,6 +53,8 @@ class CommonsenseGrid:
 def _scored(run: Path, s: CommonsenseGrid, scoring: str, model: str | None = None) -> dict:
     """The run's (or with `model`, the base model's) eval row for one scoring; made once, then read."""
     out = run / f"eval-{scoring}"
+    if not (out / "eval.json").is_file() and s.grid.report_only:
+        raise NotFinished(f"{out} has not been scored")
     if not (out / "eval.json").is_file():
         evaluate_generative(EvalSettings(adapter=None if model else str(run), model=model, scoring=scoring,
                                          max_eval_examples=s.items_per_task, max_new_tokens=s.grid.max_new_tokens,

@@ -41,11 +41,22 @@ class Grid:
     # Methods trained on all the data only: reference lines (full fine-tuning, the linear probe), whose question
     # is not how they fall off with less data, or methods a claim about fractions does not name.
     full_data_only: tuple[str, ...] = ()
+    report_only: bool = False  # read finished runs only (python -m research report): a missing one is NotFinished
+
+    @classmethod
+    def from_json(cls, saved: dict) -> "Grid":
+        """The grid a report's settings file recorded (JSON has lists where the grid has tuples)."""
+        tuples = {k: tuple(saved[k]) for k in ("methods", "fractions", "seeds", "full_data_only")}
+        return cls(**{**saved, **tuples, "lrs": {m: tuple(v) for m, v in saved["lrs"].items()}})
 
     def cells(self) -> list[tuple[str, float, int]]:
         """(method, fraction, seed) of every run, seeds outermost: a partial grid is already a paired comparison."""
         return [(m, f, s) for s in self.seeds for f in self.fractions for m in self.methods
                 if f == 1.0 or m not in self.full_data_only]
+
+
+class NotFinished(Exception):
+    """A report-only pass met a run (or a score) that is not there yet."""
 
 
 ADAPTER_LRS = (1e-3, 3e-3)
@@ -96,6 +107,8 @@ def run_one(runs: Path, grid: Grid, method: str, lr: float, fraction: float, see
     out = runs / run_key(method, lr, fraction, seed, variant)
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
+    if grid.report_only:
+        raise NotFinished(f"{out} has not finished")
     adapter = {} if method in NO_ADAPTER else {**grid.adapter, **(adapter_extra or {})}
     settings = TrainSettings(model=grid.model, dataset=grid.dataset, method=method, fraction=fraction, seed=seed,
                              lr=lr, epochs=grid.epochs, max_train_examples=grid.max_train_examples,

@@ -19,6 +19,7 @@ factors A_Q, A_V, B_Q, B_V, component by component. `voronoi_loss` says how the 
 """
 from __future__ import annotations
 
+import csv
 import math
 import statistics
 from dataclasses import dataclass
@@ -223,6 +224,18 @@ def run_theory(s: TheorySettings, root: Path) -> str:
     rows = simulate(s, progress=lambda r: print(
         f"  {r['case']:<5} {r['method']:<8} n={r['n']:<7} rep {r['repetition']}: product error "
         f"{r['product_error']:.4f}, Voronoi loss {r['voronoi_loss']:.4f}", flush=True))
+    return theory_report(rows, s, root)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """theory.csv's rows as simulate() made them (floats round-trip exactly through their repr)."""
+    with open(path, newline="") as fh:
+        return [{k: v if k in ("method", "case") else int(v) if k in ("n", "repetition") else float(v)
+                 for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def theory_report(rows: list[dict], s: TheorySettings, root: Path) -> str:
+    """theory.csv / .md / .png in root from the simulation's rows; returns the markdown report."""
     keys = ("product_error", "voronoi_loss", "voronoi_svd")
     slopes = {(c, m, k): slope(rows, m, c, k) for c in s.cases for m in METHODS for k in keys}
     n0, n1 = min(s.ns), max(s.ns)

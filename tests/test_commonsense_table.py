@@ -49,3 +49,12 @@ def test_the_commonsense_table_trains_scores_and_resumes(tmp_path, tiny_lm_folde
     assert main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("*.json")} == stamps  # nothing trained or scored again
     assert "Commonsense reasoning in the papers' protocol" in capsys.readouterr().out
+    # python -m research report rebuilds the table from the runs' metrics and scores alone
+    made = (root / "commonsense.md").read_text()
+    (root / "commonsense.md").unlink()
+    assert main(["report", "--results", str(tmp_path)]) == 0
+    assert (root / "commonsense.md").read_text() == made
+    (runs / names[0] / "eval-loglik" / "eval.json").unlink()
+    assert main(["report", "--results", str(tmp_path)]) == 1
+    assert f"{runs / names[0] / 'eval-loglik'} has not been scored" in capsys.readouterr().out
+    assert not (runs / names[0] / "eval-loglik" / "eval.json").exists()  # nothing scored

@@ -57,6 +57,27 @@ def test_sample_efficiency_runs_end_to_end_and_resumes(tmp_path, tiny_folders, c
                                                 "lora-lr0.01-f1-s1"]
     assert "lora 0.01 (0.01)" in (root / "lora-lr1e-2" / "sample_efficiency.md").read_text()
     assert not (root / "lora-lr1e-2" / "runs").exists()
+    _check_report_rebuilds(tmp_path, capsys, ["se/sample_efficiency.md", "se/lora-lr1e-2/sample_efficiency.md"])
+
+
+def _check_report_rebuilds(results: Path, capsys, reports: list[str]) -> None:
+    """`python -m research report` rebuilds each report as its own command made it, from the finished runs
+    alone; with a run's metrics gone it trains nothing, says which run and which command finishes it, exits 1."""
+    made = {name: (results / name).read_text() for name in reports}
+    for name in reports:
+        (results / name).unlink()
+    capsys.readouterr()
+    assert main(["report", "--results", str(results)]) == 0
+    assert {name: (results / name).read_text() for name in reports} == made
+    assert f"{len(reports)} of {len(reports)} reports rebuilt" in capsys.readouterr().out
+    metrics = sorted(results.rglob("runs/*/metrics.json"))[0]
+    metrics.rename(metrics.with_suffix(".json.bak"))
+    runs_before = sorted(p.name for p in metrics.parent.parent.iterdir())
+    assert main(["report", "--results", str(results)]) == 1
+    out = capsys.readouterr().out
+    assert f"{metrics.parent} has not finished" in out and "`python -m research " in out and "finishes it" in out
+    assert sorted(p.name for p in metrics.parent.parent.iterdir()) == runs_before and not metrics.exists()
+    metrics.with_suffix(".json.bak").rename(metrics)
 
 
 @pytest.mark.slow
@@ -127,6 +148,14 @@ def test_theory_simulation_runs_end_to_end(tmp_path):
     assert main(args[:-1] + [str(tmp_path / "one"), "--cases", "exact", "--r-true", "2", "--r-fit", "3"]) == 0
     rows = (tmp_path / "one" / "theory.csv").read_text().splitlines()[1:]
     assert len(rows) == 2 * 2 * 2 and all(",exact," in row for row in rows)
+    # theory.md and theory.png rebuilt from theory.csv and the settings beside it, without simulating again
+    made = {p: (tmp_path / p).read_text() for p in ("th/theory.md", "one/theory.md")}
+    saved = json.loads((tmp_path / "one" / "theory.settings.json").read_text())
+    assert saved["settings"]["r_true"] == 2 and saved["command"].startswith("python -m research theory --ns 50 200")
+    for p in made:
+        (tmp_path / p).unlink()
+    assert main(["report", "--results", str(tmp_path)]) == 0
+    assert {p: (tmp_path / p).read_text() for p in made} == made
 
 
 def test_theory_refuses_an_over_specified_case_without_more_components(tmp_path, capsys):
