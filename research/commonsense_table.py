@@ -23,7 +23,8 @@ from replora.training.commonsense import TASKS
 from replora.training.evaluation import evaluate_generative
 from replora.training.settings import EvalSettings
 
-from .experiments import ADAPTER_LRS, Grid, NotFinished, claim_2_verdict, pick_lrs, run_key, run_one
+from .experiments import (ADAPTER_LRS, Grid, NotFinished, claim_2_verdict, pick_lrs, picks_line, run_key,
+                          run_one)
 from .reports import fmt, mean_std, paired, write_csv
 
 SCORINGS = ("generate", "loglik")
@@ -44,8 +45,8 @@ class CommonsenseGrid:
     grid: Grid = field(default_factory=lambda: Grid(
         model="smollm2", dataset="commonsense", methods=tuple(METHODS), fractions=(0.3, 1.0), seeds=(0, 1, 2),
         lrs={m: ADAPTER_LRS for m in METHODS}, epochs=1, max_train_examples=2000, max_eval_examples=200,
-        max_length=192, batch_size=8, max_new_tokens=8, full_data_only=tuple(m for m in METHODS
-                                                                             if m not in ("lora", "replora"))))
+        max_length=192, batch_size=8, max_new_tokens=8, extend_edges=True,
+        full_data_only=tuple(m for m in METHODS if m not in ("lora", "replora"))))
     items_per_task: int = 50  # test items scored per set: 400 in all, the same for every model
     equal_steps: tuple[str, ...] = ("replora",)  # trained at f < 1 also for the steps of f = 1 (the control)
 
@@ -71,7 +72,7 @@ def commonsense_table(s: CommonsenseGrid, root: Path, runs: Path | None = None, 
     g = s.grid
     root.mkdir(parents=True, exist_ok=True)
     runs = runs or root / "runs"
-    lrs = pick_lrs(runs, g)
+    lrs, tried = pick_lrs(runs, g)
     trained = {}  # (row name, seed) -> (metrics, {scoring: eval row}), trained and scored in the grids' order
     for method, fraction, seed in g.cells():
         trained[_key(method, fraction), seed] = _train_and_score(s, runs, method, lrs[method], fraction, seed)
@@ -84,7 +85,7 @@ def commonsense_table(s: CommonsenseGrid, root: Path, runs: Path | None = None, 
               for scoring in SCORINGS}
     names = list(dict.fromkeys(name for name, _ in trained))
     rows = sorted(names, key=lambda n: ("equal steps" in n, not n.endswith("f = 1"), names.index(n)))  # f = 1 first
-    report = _report(s, lrs, rows, trained, scores, base)
+    report = _report(s, picks_line(lrs, tried), rows, trained, scores, base)
     csv_rows = [_csv_row("base", "", base[sc]) for sc in SCORINGS]
     csv_rows += [_csv_row(name, seed, scores[name, seed, sc], trained[name, seed][0])
                  for name in rows for seed in g.seeds for sc in SCORINGS]
@@ -118,13 +119,12 @@ def _csv_row(name: str, seed, row: dict, metrics: dict | None = None) -> dict:
             "train_seconds": round(metrics.get("wall_time_seconds", 0), 1), "scoring_seconds": round(row["seconds"], 1)}
 
 
-def _report(s, lrs, rows, trained, scores, base) -> str:
+def _report(s, picks, rows, trained, scores, base) -> str:
     g = s.grid
 
     def acc(name: str, sc: str, task: str | None = None) -> list[float]:  # per seed; the average without a task
         return [scores[name, seed, sc]["accuracy"][task] if task else scores[name, seed, sc]["average"]
                 for seed in g.seeds]
-    picks = ", ".join(f"{m} {lr:g} ({'/'.join(f'{x:g}' for x in g.lrs[m])})" for m, lr in lrs.items())
     lines = [f"# Commonsense reasoning in the papers' protocol: {g.model}", "",
              f"Generative fine-tuning on a {g.max_train_examples:,}-item stratified mix of the eight training sets, "
              f"{g.epochs} epoch(s) of batch {g.batch_size}, {g.max_length} tokens, r = {g.adapter['r']} (alpha "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ class Grid:
     # Methods trained on all the data only: reference lines (full fine-tuning, the linear probe), whose question
     # is not how they fall off with less data, or methods a claim about fractions does not name.
     full_data_only: tuple[str, ...] = ()
+    extend_edges: bool = False  # pick_lrs: a best rate at the edge of lrs adds the next one beyond it
     report_only: bool = False  # read finished runs only (python -m research report): a missing one is NotFinished
 
     @classmethod
@@ -71,12 +73,13 @@ GRIDS = {
     # The image protocol (RepLoRA tables 2-3, figure 2): DINOv2-S on the VTAB-1K-like CIFAR-10 split (800
     # training / 200 validation images), 112 px, 10 epochs of 32 (250 steps at f = 1), r = 8 on query/value,
     # tested on a fixed 3,000 of the 9,000 held-out images (a 0.7-point standard error, paired across methods).
-    # About 6 minutes per adapter run at f = 1 on 2 idle CPU cores, about 3.5 hours for the whole grid.
+    # 7 minutes per adapter run at f = 1 on 2 idle CPU cores (measured), about 4.5 hours for the whole grid with
+    # its learning-rate edges extended (the first picks all sat at an edge; RepLoRA collapsed at 3e-3).
     "dinov2-cifar10": Grid(model="dinov2-small", dataset="cifar10", methods=(*METHODS, FULL, HEAD),
                            fractions=(0.1, 0.3, 1.0), seeds=(0, 1, 2),
                            lrs={**{m: ADAPTER_LRS for m in METHODS}, FULL: (1e-5, 3e-5), HEAD: (3e-3, 1e-2)},
                            epochs=10, max_train_examples=None, max_eval_examples=3000, max_length=64,
-                           image_size=112, full_data_only=(FULL, HEAD)),
+                           image_size=112, full_data_only=(FULL, HEAD), extend_edges=True),
     # SmolLM2-135M on social_iqa (3 choices: 3 sequences per question): about 10 minutes a run at f = 1 on
     # 2 CPU cores with a 600-question training cap, 195 validation / 300 test questions, 64 tokens, 2 epochs;
     # two fractions and no full fine-tuning line keep the 28 runs near 3.5 hours.
@@ -124,13 +127,41 @@ def validation_score(metrics: dict) -> float:
     return metrics["validation_accuracy"] if "validation_accuracy" in metrics else -metrics["validation_loss"]
 
 
-def pick_lrs(runs: Path, grid: Grid) -> dict[str, float]:
-    """Each method's learning rate: the best validation score at fraction 1.0, seed 0."""
-    chosen = {}
+def pick_lrs(runs: Path, grid: Grid) -> tuple[dict[str, float], dict[str, tuple[float, ...]]]:
+    """(each method's learning rate, the rates it was picked from): the best validation score at fraction
+    1.0, seed 0. With grid.extend_edges, a best rate at the edge of two or more candidates adds the next
+    rate beyond it on the 1-3-10 ladder, once per side, so that the pick is bracketed when it can be."""
+    chosen, tried = {}, {}
     for method in grid.methods:
-        scores = {lr: validation_score(run_one(runs, grid, method, lr, 1.0, grid.seeds[0])) for lr in grid.lrs[method]}
-        chosen[method] = max(scores, key=lambda lr: (scores[lr], -lr))
-    return chosen
+        scores, extended = {}, set()
+        candidates = list(grid.lrs[method])
+        while True:
+            scores.update({lr: validation_score(run_one(runs, grid, method, lr, 1.0, grid.seeds[0]))
+                           for lr in candidates if lr not in scores})
+            best = max(scores, key=lambda lr: (scores[lr], -lr))
+            side = "up" if best == max(scores) else "down" if best == min(scores) else None
+            # (a single rate given is a choice, not a search: never extended)
+            if not grid.extend_edges or len(grid.lrs[method]) < 2 or side is None or side in extended:
+                break
+            extended.add(side)
+            candidates.append(next_rate(best, up=side == "up"))
+        chosen[method], tried[method] = best, tuple(sorted(scores))
+    return chosen, tried
+
+
+def next_rate(lr: float, up: bool) -> float:
+    """lr's neighbour on the 1-3-10 ladder of rates (3e-4, 1e-3, 3e-3, 1e-2, ...)."""
+    exponent = math.floor(math.log10(lr))
+    ladder = [float(f"{k}e{e}") for e in range(exponent - 1, exponent + 2) for k in (1, 3)]
+    return min(x for x in ladder if x > lr * 1.01) if up else max(x for x in ladder if x < lr * 0.99)
+
+
+def picks_line(chosen: dict[str, float], tried: dict[str, tuple[float, ...]]) -> str:
+    """'lora 0.003 (0.001/0.003/0.01)': each pick among the rates it was picked from; a pick at an edge of
+    three or more is flagged (its best rate may lie beyond; of two, every pick is at an edge)."""
+    def edge(m):
+        return " at the edge" if len(tried[m]) > 2 and chosen[m] in (min(tried[m]), max(tried[m])) else ""
+    return ", ".join(f"{m} {lr:g} ({'/'.join(f'{x:g}' for x in tried[m])}{edge(m)})" for m, lr in chosen.items())
 
 
 def _row(m: dict, variant: str = "") -> dict:
@@ -156,9 +187,9 @@ def sample_efficiency(grid: Grid, root: Path, runs: Path | None = None, plot: bo
     .png in root, the runs in `runs` (default root/runs). Returns the markdown report."""
     root.mkdir(parents=True, exist_ok=True)
     runs = runs or root / "runs"
-    lrs = pick_lrs(runs, grid)
+    lrs, tried = pick_lrs(runs, grid)
     results = {(m, f, s): run_one(runs, grid, m, lrs[m], f, s) for m, f, s in grid.cells()}
-    picks = ", ".join(f"{m} {lr:g} ({'/'.join(f'{x:g}' for x in grid.lrs[m])})" for m, lr in lrs.items())
+    picks = picks_line(lrs, tried)
     acc = lambda method, fraction: [results[method, fraction, s]["test_accuracy"] for s in grid.seeds]  # noqa: E731
     ran = lambda method, fraction: (method, fraction, grid.seeds[0]) in results  # noqa: E731
     lines = [f"# Sample efficiency: {grid.model} on {grid.dataset}", "",
@@ -235,7 +266,7 @@ def ablations(grid: Grid, root: Path, runs: Path | None = None) -> str:
     writes ablations.csv / ablations.md in root, the runs in `runs` (default root/runs)."""
     root.mkdir(parents=True, exist_ok=True)
     runs = runs or root / "runs"
-    lr = pick_lrs(runs, dataclasses.replace(grid, methods=("replora",)))["replora"]
+    lr = pick_lrs(runs, dataclasses.replace(grid, methods=("replora",)))[0]["replora"]
     results = {}
     for seed in grid.seeds:
         for name, options in ABLATIONS.items():

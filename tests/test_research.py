@@ -2,6 +2,7 @@
 skips every finished run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -101,6 +102,36 @@ def test_the_image_grid_runs_references_on_all_the_data_only(tmp_path, vision_fo
     assert head_row.split(" | ")[2] == "—" and "±" in head_row.split(" | ")[3]  # f = 0.5 not run; f = 1 run
     assert len((root / "sample_efficiency.csv").read_text().splitlines()) == 1 + 2 * (2 + 4)
     assert (root / "sample_efficiency.png").stat().st_size > 1000
+
+
+def test_a_pick_at_the_edge_of_the_rates_tries_the_next_rate_beyond_it_once(tmp_path):
+    """pick_lrs with extend_edges, read from real metrics.json files (report_only: nothing trains)."""
+    grid = experiments.Grid(model="m", dataset="d", methods=("lora", "replora"), fractions=(1.0,), seeds=(0,),
+                            lrs={"lora": (1e-3, 3e-3), "replora": (1e-3, 3e-3)}, epochs=1, max_train_examples=None,
+                            max_eval_examples=None, max_length=8, extend_edges=True, report_only=True)
+    validation = {"lora": {1e-3: 0.70, 3e-3: 0.75, 1e-2: 0.72}, "replora": {1e-3: 0.71, 3e-3: 0.20, 3e-4: 0.74}}
+
+    def finish(method, lr):
+        run = tmp_path / experiments.run_key(method, lr, 1.0, 0)
+        run.mkdir()
+        (run / "metrics.json").write_text(json.dumps({"validation_accuracy": validation[method][lr]}))
+    for method, lr in [("lora", 1e-3), ("lora", 3e-3), ("replora", 1e-3), ("replora", 3e-3)]:
+        finish(method, lr)
+    with pytest.raises(experiments.NotFinished, match="lora-lr0.01-f1-s0 has not finished"):
+        experiments.pick_lrs(tmp_path, grid)  # LoRA's best, 3e-3, is its top rate: 1e-2 is tried next
+    finish("lora", 1e-2)
+    with pytest.raises(experiments.NotFinished, match="replora-lr0.0003-f1-s0"):
+        experiments.pick_lrs(tmp_path, grid)  # RepLoRA's best is its bottom rate: 3e-4
+    finish("replora", 3e-4)
+    chosen, tried = experiments.pick_lrs(tmp_path, grid)
+    # LoRA's pick is bracketed now; RepLoRA's 3e-4 is best again, and is not extended a second time.
+    assert chosen == {"lora": 3e-3, "replora": 3e-4}
+    assert tried == {"lora": (1e-3, 3e-3, 1e-2), "replora": (3e-4, 1e-3, 3e-3)}
+    assert experiments.picks_line(chosen, tried) == "lora 0.003 (0.001/0.003/0.01), replora 0.0003 (0.0003/0.001/0.003 at the edge)"
+    one = dataclasses.replace(grid, lrs={"lora": (1e-3,), "replora": (1e-3,)})  # a single rate: no search
+    assert experiments.pick_lrs(tmp_path, one) == ({"lora": 1e-3, "replora": 1e-3}, {"lora": (1e-3,), "replora": (1e-3,)})
+    assert experiments.pick_lrs(tmp_path, dataclasses.replace(grid, extend_edges=False)) == (
+        {"lora": 3e-3, "replora": 1e-3}, {"lora": (1e-3, 3e-3), "replora": (1e-3, 3e-3)})
 
 
 def test_learning_rate_grids_are_checked(tmp_path, capsys):
