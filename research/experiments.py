@@ -213,9 +213,11 @@ def sample_efficiency(grid: Grid, root: Path, runs: Path | None = None, plot: bo
                   "|---|" + "---|" * len(grid.fractions)]
         lines += [f"| {m} | " + " | ".join(paired(acc(m, f), acc("lora", f), short=True) if ran(m, f) else "—"
                                              for f in grid.fractions) + " |" for m in others]
+    for method, name in (("replora", "RepLoRA"), ("moslora", "MoSLoRA")):  # the claims' comparisons, with t
+        if method in grid.methods and "lora" in grid.methods:
+            lines += ["", f"{name} − LoRA, paired over seeds:", ""]
+            lines += [f"- f = {f:g}: {paired(acc(method, f), acc('lora', f))}" for f in grid.fractions if ran(method, f)]
     if "replora" in grid.methods and "lora" in grid.methods:
-        lines += ["", "RepLoRA − LoRA, paired over seeds:", ""]
-        lines += [f"- f = {f:g}: {paired(acc('replora', f), acc('lora', f))}" for f in grid.fractions]
         if 0.3 in grid.fractions and 1.0 in grid.fractions:
             rep30, lora100 = acc("replora", 0.3), acc("lora", 1.0)
             lines += ["", f"**Claim 2 (RepLoRA at 30% of the data matches LoRA at 100%)**: RepLoRA at 30%: "
