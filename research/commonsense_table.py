@@ -40,8 +40,10 @@ PAPER_LLAMA_7B = {"lora": ((67.2, 79.4, 76.6, 78.3, 78.4, 77.1, 61.5, 74.2), 74.
 @dataclass
 class CommonsenseGrid:
     # The commonsense pilot's budget (research/results/commonsense-pilot: it teaches the answer format in one
-    # epoch), per run: about 17-19 minutes of training on 2 idle CPU cores, plus 1 of validation and testing
-    # and about 7 of scoring 400 items twice; about 9.5 CPU hours for the whole grid (research/README.md).
+    # epoch), per run: 17-19 minutes of training on 2 idle CPU cores in the pilot, about 10 since the loss
+    # projects only the answers onto the vocabulary (research/results/sft-throughput: 1.7x), plus 1 of
+    # validation and testing and at most 7 of scoring 400 items twice; 25 runs and up to 4 more where a
+    # learning-rate pick sits at an edge: about 8 CPU hours for the whole grid, estimated (research/README.md).
     grid: Grid = field(default_factory=lambda: Grid(
         model="smollm2", dataset="commonsense", methods=tuple(METHODS), fractions=(0.3, 1.0), seeds=(0, 1, 2),
         lrs={m: ADAPTER_LRS for m in METHODS}, epochs=1, max_train_examples=2000, max_eval_examples=200,
