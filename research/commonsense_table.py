@@ -56,9 +56,9 @@ class CommonsenseGrid:
 def _scored(run: Path, s: CommonsenseGrid, scoring: str, model: str | None = None) -> dict:
     """The run's (or with `model`, the base model's) eval row for one scoring; made once, then read."""
     out = run / f"eval-{scoring}"
-    if not (out / "eval.json").is_file() and s.grid.report_only:
-        raise NotFinished(f"{out} has not been scored")
     if not (out / "eval.json").is_file():
+        if s.grid.report_only:
+            raise NotFinished(f"{out} has not been scored")
         evaluate_generative(EvalSettings(adapter=None if model else str(run), model=model, scoring=scoring,
                                          max_eval_examples=s.items_per_task, max_new_tokens=s.grid.max_new_tokens,
                                          max_length=s.grid.max_length, output=str(out)))

@@ -135,13 +135,13 @@ def pick_lrs(runs: Path, grid: Grid) -> tuple[dict[str, float], dict[str, tuple[
     for method in grid.methods:
         scores, extended = {}, set()
         candidates = list(grid.lrs[method])
+        search = grid.extend_edges and len(candidates) > 1  # a single rate given is a choice: never extended
         while True:
             scores.update({lr: validation_score(run_one(runs, grid, method, lr, 1.0, grid.seeds[0]))
                            for lr in candidates if lr not in scores})
             best = max(scores, key=lambda lr: (scores[lr], -lr))
             side = "up" if best == max(scores) else "down" if best == min(scores) else None
-            # (a single rate given is a choice, not a search: never extended)
-            if not grid.extend_edges or len(grid.lrs[method]) < 2 or side is None or side in extended:
+            if not search or side is None or side in extended:
                 break
             extended.add(side)
             candidates.append(next_rate(best, up=side == "up"))
