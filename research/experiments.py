@@ -192,12 +192,11 @@ def sample_efficiency(grid: Grid, root: Path, runs: Path | None = None, plot: bo
     picks = picks_line(lrs, tried)
     acc = lambda method, fraction: [results[method, fraction, s]["test_accuracy"] for s in grid.seeds]  # noqa: E731
     ran = lambda method, fraction: (method, fraction, grid.seeds[0]) in results  # noqa: E731
+    inputs = f"{grid.image_size} px images" if grid.image_size else f"max {grid.max_length} tokens"
     lines = [f"# Sample efficiency: {grid.model} on {grid.dataset}", "",
              f"Test accuracy (%), mean ± std over seeds {list(grid.seeds)}; learning rate picked per method on "
              f"validation (from the candidates in brackets): {picks}. Training cap "
-             f"{grid.max_train_examples or 'none'}, {grid.epochs} epochs, "
-             f"{f'{grid.image_size} px images' if grid.image_size else f'max {grid.max_length} tokens'}, r = "
-             f"{grid.adapter.get('r')}.", "",
+             f"{grid.max_train_examples or 'none'}, {grid.epochs} epochs, {inputs}, r = {grid.adapter.get('r')}.", "",
              "| method | trainable | " + " | ".join(f"f = {f:g}" for f in grid.fractions) + " | s / run at f = 1 |",
              "|---|---|" + "---|" * len(grid.fractions) + "---|"]
     for method in grid.methods:
