@@ -20,7 +20,7 @@ from pathlib import Path
 from replora.methods import METHODS
 from replora.saving import write_folder
 from replora.training.commonsense import TASKS
-from replora.training.evaluation import evaluate_generative
+from replora.training.evaluation import evaluate_generative, scored_items
 from replora.training.settings import EvalSettings
 
 from .experiments import (ADAPTER_LRS, Grid, NotFinished, claim_2_verdict, pick_lrs, picks_line, run_key,
@@ -53,16 +53,33 @@ class CommonsenseGrid:
     equal_steps: tuple[str, ...] = ("replora",)  # trained at f < 1 also for the steps of f = 1 (the control)
 
 
+def _eval_settings(s: CommonsenseGrid, **given) -> EvalSettings:
+    return EvalSettings(max_eval_examples=s.items_per_task, max_new_tokens=s.grid.max_new_tokens,
+                        max_length=s.grid.max_length, **given)
+
+
 def _scored(run: Path, s: CommonsenseGrid, scoring: str, model: str | None = None) -> dict:
     """The run's (or with `model`, the base model's) eval row for one scoring; made once, then read."""
     out = run / f"eval-{scoring}"
     if not (out / "eval.json").is_file():
         if s.grid.report_only:
             raise NotFinished(f"{out} has not been scored")
-        evaluate_generative(EvalSettings(adapter=None if model else str(run), model=model, scoring=scoring,
-                                         max_eval_examples=s.items_per_task, max_new_tokens=s.grid.max_new_tokens,
-                                         max_length=s.grid.max_length, output=str(out)))
+        evaluate_generative(_eval_settings(s, adapter=None if model else str(run), model=model, scoring=scoring,
+                                           output=str(out)))
     return json.loads((out / "eval.json").read_text())
+
+
+def _references(s: CommonsenseGrid) -> dict[str, dict]:
+    """Two rows no model is needed for, on the very items scored: chance (one over each item's choices) and
+    the best constant answer (the same choice number for every item of a set, the one most often right:
+    picked knowing the answers, the most a model that ignores the question can score); as eval rows."""
+    rows = {"chance": {}, "best constant answer": {}}
+    for task, items in scored_items(_eval_settings(s)).items():
+        rows["chance"][task] = statistics.fmean(1 / len(e["choices"]) for e in items)
+        labels = [e["label"] for e in items]
+        rows["best constant answer"][task] = max(map(labels.count, set(labels))) / len(labels)
+    return {name: {"scoring": "", "accuracy": accuracy, "average": statistics.fmean(accuracy.values()),
+                   "trainable_percent": 0, "seconds": 0} for name, accuracy in rows.items()}
 
 
 def _key(method: str, fraction: float, variant: str = "") -> str:
@@ -87,8 +104,10 @@ def commonsense_table(s: CommonsenseGrid, root: Path, runs: Path | None = None, 
               for scoring in SCORINGS}
     names = list(dict.fromkeys(name for name, _ in trained))
     rows = sorted(names, key=lambda n: ("equal steps" in n, not n.endswith("f = 1"), names.index(n)))  # f = 1 first
-    report = _report(s, picks_line(lrs, tried), rows, trained, scores, base)
-    csv_rows = [_csv_row("base", "", base[sc]) for sc in SCORINGS]
+    references = _references(s)
+    report = _report(s, picks_line(lrs, tried), rows, trained, scores, base, references)
+    csv_rows = [_csv_row(name, "", row) for name, row in references.items()]
+    csv_rows += [_csv_row("base", "", base[sc]) for sc in SCORINGS]
     csv_rows += [_csv_row(name, seed, scores[name, seed, sc], trained[name, seed][0])
                  for name in rows for seed in g.seeds for sc in SCORINGS]
 
@@ -96,7 +115,7 @@ def commonsense_table(s: CommonsenseGrid, root: Path, runs: Path | None = None, 
         write_csv(folder / "commonsense.csv", csv_rows)
         (folder / "commonsense.md").write_text(report)
         if plot:
-            _plot(s, rows, scores, base, folder / "commonsense.png")
+            _plot(s, rows, scores, base, references, folder / "commonsense.png")
     write_folder(root, publish)
     return report
 
@@ -121,7 +140,7 @@ def _csv_row(name: str, seed, row: dict, metrics: dict | None = None) -> dict:
             "train_seconds": round(metrics.get("wall_time_seconds", 0), 1), "scoring_seconds": round(row["seconds"], 1)}
 
 
-def _report(s, picks, rows, trained, scores, base) -> str:
+def _report(s, picks, rows, trained, scores, base, references) -> str:
     g = s.grid
 
     def acc(name: str, sc: str, task: str | None = None) -> list[float]:  # per seed; the average without a task
@@ -133,11 +152,15 @@ def _report(s, picks, rows, trained, scores, base) -> str:
              f"{g.adapter['lora_alpha']}) on query and value, the last step's adapter; learning rate per method on "
              f"validation loss (seed 0, f = 1; candidates in brackets): {picks}. Test: the same "
              f"{s.items_per_task} items of each set for every model. Accuracy (%), mean ± std over seeds "
-             f"{list(g.seeds)}.", ""]
+             f"{list(g.seeds)}. The first two rows need no model: chance (one over each item's choices) and the "
+             "best constant answer (the same choice number for every item of a set, the one most often right: "
+             "picked knowing the answers, it is the most a model that ignores the question can score).", ""]
     header = "| model | " + " | ".join(SHORT[t] for t in TASKS) + " | average | trainable % |"
     for sc, title in (("generate", "greedy generation, right when the answer names the right choice"),
                       ("loglik", "log-likelihood, the choice whose answer the model finds likeliest")):
         lines += [f"## Scored by {title}", "", header, "|---" * (len(TASKS) + 3) + "|",
+                  *(f"| *{name}* | " + " | ".join(f"*{100 * row['accuracy'][t]:.1f}*" for t in TASKS)
+                    + f" | *{100 * row['average']:.1f}* | |" for name, row in references.items()),
                   f"| {g.model} base | " + " | ".join(f"{100 * base[sc]['accuracy'][t]:.1f}" for t in TASKS)
                   + f" | {100 * base[sc]['average']:.1f} | 0 |"]
         for name in rows:
@@ -171,7 +194,7 @@ def _report(s, picks, rows, trained, scores, base) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(s, rows, scores, base, path: Path) -> None:
+def _plot(s, rows, scores, base, references, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -185,8 +208,8 @@ def _plot(s, rows, scores, base, path: Path) -> None:
         for i, name in enumerate(rows):  # every seed as a dot, so the spread is seen, not only summarized
             ax.scatter([i] * len(seeds), [100 * scores[name, seed, sc]["average"] for seed in seeds], color="k", s=8)
         ax.axhline(100 * base[sc]["average"], color="gray", linestyle="--", label=f"{s.grid.model} base")
-        ax.axhline(100 * statistics.fmean([1 / 2, 1 / 2, 1 / 3, 1 / 4, 1 / 2, 1 / 4, 1 / 4, 1 / 4]), color="gray",
-                   linestyle=":", label="chance")
+        for (name, row), style in zip(references.items(), (":", "-.")):
+            ax.axhline(100 * row["average"], color="gray", linestyle=style, label=name)
         ax.set_xticks(range(len(rows)), rows, rotation=30, ha="right", fontsize=8)
         ax.set_title(f"average of the eight test sets, {sc}")
         ax.legend(fontsize=8)

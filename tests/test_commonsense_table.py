@@ -9,7 +9,10 @@ import json
 import pytest
 
 from replora.training.commonsense import TASKS
+from replora.training.evaluation import scored_items
+from replora.training.settings import EvalSettings
 from research.cli import main
+from research.commonsense_table import CommonsenseGrid, _references
 
 
 @pytest.mark.slow
@@ -39,10 +42,11 @@ def test_the_commonsense_table_trains_scores_and_resumes(tmp_path, tiny_lm_folde
                  "| *paper, LLaMA-7B, replora* | *71.8* |", "Claim 2: RepLoRA on 30%", "Control, RepLoRA on 30% for the"):
         assert line in report
     assert report.count(" base | ") == 2 and report.count("| replora, f = 1 | ") == 2  # one table per scoring
+    assert report.count("| *chance* | ") == 2 and report.count("| *best constant answer* | ") == 2
     assert "- replora, f = 1: " in report and "seeds better" in report  # paired to LoRA, with t where defined
     with open(root / "commonsense.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 2 + 2 * 2 * 6 and {r["scoring"] for r in rows} == {"generate", "loglik"}
+    assert len(rows) == 2 + 2 + 2 * 2 * 6 and {r["scoring"] for r in rows} == {"", "generate", "loglik"}
     assert (root / "commonsense.png").stat().st_size > 1000
     stamps = {p: p.stat().st_mtime_ns for p in runs.rglob("*.json")}
     capsys.readouterr()
@@ -58,3 +62,16 @@ def test_the_commonsense_table_trains_scores_and_resumes(tmp_path, tiny_lm_folde
     assert main(["report", "--results", str(tmp_path)]) == 1
     assert f"{runs / names[0] / 'eval-loglik'} has not been scored" in capsys.readouterr().out
     assert not (runs / names[0] / "eval-loglik" / "eval.json").exists()  # nothing scored
+
+
+def test_the_reference_rows_are_chance_and_the_best_constant_answer_on_the_items_scored():
+    s = CommonsenseGrid(items_per_task=50)
+    references = _references(s)
+    groups = scored_items(EvalSettings(max_eval_examples=50))  # what `replora eval` scores by default seed
+    assert set(groups) == set(TASKS) and all(len(items) == 50 for items in groups.values())
+    chance, constant = (references[name]["accuracy"] for name in ("chance", "best constant answer"))
+    assert chance["boolq"] == chance["winogrande"] == 0.5 and chance["hellaswag"] == 0.25
+    for task, items in groups.items():
+        shares = [sum(e["label"] == k for e in items) / len(items) for k in range(max(len(e["choices"]) for e in items))]
+        assert constant[task] == max(shares) >= 1 / len(shares)  # the commonest right choice, never below 1/n
+    assert references["chance"]["average"] == pytest.approx(sum(chance.values()) / 8)

@@ -54,16 +54,23 @@ def _by_task(examples: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
+def scored_items(s: EvalSettings) -> dict[str, list[dict]]:
+    """The test items an evaluation scores, by task: a seeded sample of each set, the same for every model."""
+    from .commonsense import capped_per_task
+
+    task = load_task(s.dataset, task="sft")
+    test = [e if "task" in e else {**e, "task": task.name} for e in task.test]  # a user's data: one task
+    return _by_task(capped_per_task(test, s.max_eval_examples, s.seed))
+
+
 def evaluate_generative(s: EvalSettings) -> dict:
     """Score per task; returns (and writes, as JSON and Markdown) the row."""
-    from .commonsense import candidate_responses, capped_per_task
+    from .commonsense import candidate_responses
 
     s.validate()
     model_name, adapter, run = model_and_adapter(s)
     max_length = s.max_length or run.get("max_length", 256)
-    task = load_task(s.dataset, task="sft")
-    test = [e if "task" in e else {**e, "task": task.name} for e in task.test]  # a user's data: one task
-    groups = _by_task(capped_per_task(test, s.max_eval_examples, s.seed))
+    groups = scored_items(s)
     if s.scoring == "loglik" and not all("choices" in e for examples in groups.values() for e in examples):
         raise ValueError(f"--scoring loglik needs items with choices (e.g. --dataset commonsense); {s.dataset!r} has "
                          "free-form answers: use --scoring generate")
