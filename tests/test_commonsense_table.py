@@ -12,7 +12,7 @@ from replora.training.commonsense import TASKS
 from replora.training.evaluation import scored_items
 from replora.training.settings import EvalSettings
 from research.cli import main
-from research.commonsense_table import CommonsenseGrid, _references
+from research.commonsense_table import CommonsenseGrid, _less_data_costs, _references
 
 
 @pytest.mark.slow
@@ -44,6 +44,7 @@ def test_the_commonsense_table_trains_scores_and_resumes(tmp_path, tiny_lm_folde
     assert report.count(" base | ") == 2 and report.count("| replora, f = 1 | ") == 2  # one table per scoring
     assert report.count("| *chance* | ") == 2 and report.count("| *best constant answer* | ") == 2
     assert "- replora, f = 1: " in report and "seeds better" in report  # paired to LoRA, with t where defined
+    assert report.count("Average − the best constant answer's") == 2 and "LoRA at 30% − LoRA at 100%: " in report
     with open(root / "commonsense.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 + 2 + 2 * 2 * 6 and {r["scoring"] for r in rows} == {"", "generate", "loglik"}
@@ -75,3 +76,11 @@ def test_the_reference_rows_are_chance_and_the_best_constant_answer_on_the_items
         shares = [sum(e["label"] == k for e in items) / len(items) for k in range(max(len(e["choices"]) for e in items))]
         assert constant[task] == max(shares) >= 1 / len(shares)  # the commonest right choice, never below 1/n
     assert references["chance"]["average"] == pytest.approx(sum(chance.values()) / 8)
+
+
+def test_a_match_at_30_percent_is_read_against_lora_s_own_loss_from_less_data():
+    lora100 = [0.40, 0.42, 0.41]
+    assert _less_data_costs([0.35, 0.36, 0.37], lora100).startswith(" LoRA at 30% − LoRA at 100%: -5.0 ± 1.0 pts, 0/3")
+    assert "cannot show" not in _less_data_costs([0.35, 0.36, 0.37], lora100)
+    # LoRA as good from 30% as from all the data: a match at 30% is no evidence of sample efficiency
+    assert _less_data_costs([0.41, 0.43, 0.41], lora100).endswith("cannot show RepLoRA's sample efficiency.")
