@@ -64,6 +64,9 @@ def _scored(run: Path, s: CommonsenseGrid, scoring: str, model: str | None = Non
     if not (out / "eval.json").is_file():
         if s.grid.report_only:
             raise NotFinished(f"{out} has not been scored")
+        if not model and not (run / "adapter").is_dir():
+            raise FileNotFoundError(f"{run} was trained but not scored, and its adapter/ is gone (adapters are not "
+                                    f"committed): delete {run} and run the grid again to train it anew")
         evaluate_generative(_eval_settings(s, adapter=None if model else str(run), model=model, scoring=scoring,
                                            output=str(out)))
     return json.loads((out / "eval.json").read_text())
@@ -96,7 +99,8 @@ def commonsense_table(s: CommonsenseGrid, root: Path, runs: Path | None = None, 
     for method, fraction, seed in g.cells():
         trained[_key(method, fraction), seed] = _train_and_score(s, runs, method, lrs[method], fraction, seed)
         if fraction < 1 and method in s.equal_steps:  # as many steps as this seed's run on all the data
-            steps = run_one(runs, g, method, lrs[method], 1.0, seed)["steps"]
+            # scored at once, like every run: its adapter is not committed, so a later checkout could not score it
+            steps = _train_and_score(s, runs, method, lrs[method], 1.0, seed)[0]["steps"]
             trained[_key(method, fraction, "equal steps"), seed] = _train_and_score(
                 s, runs, method, lrs[method], fraction, seed, max_steps=steps)
     base = {scoring: _scored(root / "base", s, scoring, model=g.model) for scoring in SCORINGS}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 
@@ -63,6 +64,10 @@ def test_the_commonsense_table_trains_scores_and_resumes(tmp_path, tiny_lm_folde
     assert main(["report", "--results", str(tmp_path)]) == 1
     assert f"{runs / names[0] / 'eval-loglik'} has not been scored" in capsys.readouterr().out
     assert not (runs / names[0] / "eval-loglik" / "eval.json").exists()  # nothing scored
+    # a run trained in another checkout, its adapter (not committed) gone: told how to train it anew, not a traceback
+    shutil.rmtree(runs / names[0] / "adapter")
+    assert main(args) == 2
+    assert f"{runs / names[0]} was trained but not scored, and its adapter/ is gone" in capsys.readouterr().err
 
 
 def test_the_reference_rows_are_chance_and_the_best_constant_answer_on_the_items_scored():
