@@ -204,7 +204,7 @@ def _report(s, picks, rows, trained, scores, base, references) -> str:
 
 def _claim_2_reading(rep30: list[float], lora100: list[float], lora30: list[float] | None) -> str:
     """The verdict, read against the control a match at 30% needs: LoRA's own loss from 30% of the data.
-    Where LoRA loses nothing, RepLoRA matching LoRA at 100% says nothing of RepLoRA's sample efficiency."""
+    Where LoRA loses no more than its spread, RepLoRA matching LoRA at 100% says nothing of its sample efficiency."""
     verdict = claim_2_verdict(rep30, lora100)
     if lora30 is None:
         return verdict
