@@ -216,6 +216,9 @@ def _claim_2_reading(rep30: list[float], lora100: list[float], lora30: list[floa
     return f"{verdict} {reading}."
 
 
+METHOD_COLORS = {"lora": "C0", "dora": "C1", "moslora": "C2", "replora": "C3"}  # as in the theory plot
+
+
 def _plot(s, rows, scores, base, references, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -226,7 +229,7 @@ def _plot(s, rows, scores, base, references, path: Path) -> None:
     for ax, sc in zip(axes, SCORINGS):
         stats = [mean_std([scores[name, seed, sc]["average"] for seed in seeds]) for name in rows]
         ax.bar(range(len(rows)), [100 * m for m, _ in stats], yerr=[100 * d for _, d in stats], capsize=4,
-               color=["C0" if name.startswith("lora") else "C3" if name.startswith("replora") else "C2" for name in rows])
+               color=[METHOD_COLORS.get(name.split()[0].rstrip(","), "C7") for name in rows])  # one colour a method
         for i, name in enumerate(rows):  # every seed as a dot, so the spread is seen, not only summarized
             ax.scatter([i] * len(seeds), [100 * scores[name, seed, sc]["average"] for seed in seeds], color="k", s=8)
         ax.axhline(100 * base[sc]["average"], color="gray", linestyle="--", label=f"{s.grid.model} base")
