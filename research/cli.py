@@ -159,6 +159,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 1 if unfinished else 0
 
 
+def cmd_update_rank(args: argparse.Namespace) -> int:
+    """The rank and size of each method's update: the probe net, real runs' trajectories, RepLoRA's designs."""
+    from . import update_rank
+
+    root = Path(args.output) if args.output else RESULTS / "update-rank"
+    root.mkdir(parents=True, exist_ok=True)
+    for part in dict.fromkeys(args.parts):
+        if part == "probe":
+            print(update_rank.probe(root))
+        elif part == "screen":
+            print(update_rank.screen(root, report_only=args.report_only))
+        else:
+            print(update_rank.trajectories(root, report_only=args.report_only))
+    print(f"results in {root}")
+    return 0
+
+
 def parse_batch(value: str) -> tuple[int, int]:
     """`--batches 4x32`: (examples, tokens each)."""
     size, _, tokens = value.lower().partition("x")
@@ -281,6 +298,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "under torch.profiler and report where each spends its time beyond its reference")
     bench.add_argument("--output", help="folder for bench.json, bench.md, bench.png (default research/results/bench)")
     bench.set_defaults(func=cmd_bench)
+
+    rank = sub.add_parser("update-rank", help="the rank and size of each method's update over training (issue 31)",
+                          description="How many directions each method's update uses (top singular share, stable "
+                                      "rank of dW per target) and how large its steps are: on issue 31's probe "
+                                      "net (seconds), over real runs of the image and text protocols, and across "
+                                      "RepLoRA's generator designs on the image protocol (runs: resumable).")
+    rank.add_argument("--parts", nargs="+", choices=("probe", "screen", "trajectory"),
+                      default=["probe", "screen", "trajectory"], help="what to run (default all, in this order)")
+    rank.add_argument("--output", help="results folder (default research/results/update-rank; the runs go to the "
+                                       "grids' runs folders beside it)")
+    rank.add_argument("--report-only", action="store_true", help="read finished runs only: train nothing")
+    rank.set_defaults(func=cmd_update_rank)
 
     report = sub.add_parser("report", help="rebuild every report's tables and plots from its finished runs",
                             description="Rebuild the .md / .csv / .png of every report under the results folder "

@@ -23,7 +23,7 @@ from replora.training.commonsense import TASKS
 from replora.training.evaluation import evaluate_generative, scored_items
 from replora.training.settings import EvalSettings
 
-from .experiments import (ADAPTER_LRS, Grid, NotFinished, claim_2_verdict, pick_lrs, picks_line, run_key,
+from .experiments import (ADAPTER_LRS, Grid, NotFinished, claim_2_verdict, pick_lrs, picks_line, run_dir,
                           run_one)
 from .reports import fmt, mean_std, paired, write_csv
 
@@ -130,7 +130,7 @@ def _train_and_score(s: CommonsenseGrid, runs: Path, method: str, lr: float, fra
     (its metrics, {scoring: its eval row})."""
     variant = f"steps{max_steps}" if max_steps else ""
     metrics = run_one(runs, s.grid, method, lr, fraction, seed, variant=variant, max_steps=max_steps)
-    folder = runs / run_key(method, lr, fraction, seed, variant)
+    folder = run_dir(runs, s.grid, method, lr, fraction, seed, variant=variant)
     return metrics, {scoring: _scored(folder, s, scoring) for scoring in SCORINGS}
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from replora.methods import METHODS
-from replora.saving import write_folder
+from replora.saving import OMITTED_BEFORE, write_folder
 from replora.training import FULL, TrainSettings, train
 from replora.training.settings import HEAD, NO_ADAPTER
 
@@ -43,13 +43,16 @@ class Grid:
     # is not how they fall off with less data, or methods a claim about fractions does not name.
     full_data_only: tuple[str, ...] = ()
     extend_edges: bool = False  # pick_lrs: a best rate at the edge of lrs adds the next one beyond it
+    options: dict[str, dict] = field(default_factory=dict)  # adapter options per method, beyond its defaults
     report_only: bool = False  # read finished runs only (python -m research report): a missing one is NotFinished
 
     @classmethod
     def from_json(cls, saved: dict) -> "Grid":
-        """The grid a report's settings file recorded (JSON has lists where the grid has tuples)."""
+        """The grid a report's settings file recorded (JSON has lists where the grid has tuples). A grid recorded
+        before grids had options ran RepLoRA as replora 0.2 did (its runs' names say nothing of it)."""
         tuples = {k: tuple(saved[k]) for k in ("methods", "fractions", "seeds", "full_data_only")}
-        return cls(**{**saved, **tuples, "lrs": {m: tuple(v) for m, v in saved["lrs"].items()}})
+        options = saved.get("options", {"replora": LEGACY_REPLORA})
+        return cls(**{**saved, **tuples, "options": options, "lrs": {m: tuple(v) for m, v in saved["lrs"].items()}})
 
     def cells(self) -> list[tuple[str, float, int]]:
         """(method, fraction, seed) of every run, seeds outermost: a partial grid is already a paired comparison."""
@@ -100,26 +103,52 @@ ABLATIONS = {
 }
 
 
+# RepLoRA as replora 0.2 ran it (issue 31): every RepLoRA run committed before 0.3 used it.
+LEGACY_REPLORA = dict(OMITTED_BEFORE[3])
+
+
 def run_key(method: str, lr: float, fraction: float, seed: int, variant: str = "") -> str:
     return f"{method}{'-' + variant if variant else ''}-lr{lr:g}-f{fraction:g}-s{seed}"
 
 
+def variant_of(method: str, options: dict) -> str:
+    """A run name's tag for a method's options: those that differ from what replora 0.2 ran, whose runs (every
+    one committed before 0.3) carry no tag ('activation_identity'; today's RepLoRA default names its design)."""
+    if method not in METHODS:
+        return ""
+    spec = METHODS[method].options
+    then = {k: o.default for k, o in spec.items()} | {k: v for k, v in LEGACY_REPLORA.items() if k in spec}
+    chosen = {k: o.default for k, o in spec.items()} | options
+    return "-".join(f"{k.split('_', 1)[1]}_{v}" for k, v in chosen.items() if then[k] != v)
+
+
+def run_dir(runs: Path, grid: Grid, method: str, lr: float, fraction: float, seed: int,
+            adapter_extra: dict | None = None, variant: str = "") -> Path:
+    """The run's folder: its name says the method's options (variant_of), after any other `variant` tag."""
+    options = {**grid.options.get(method, {}), **(adapter_extra or {})}
+    tag = "-".join(t for t in (variant, variant_of(method, options)) if t)
+    return runs / run_key(method, lr, fraction, seed, tag)
+
+
 def run_one(runs: Path, grid: Grid, method: str, lr: float, fraction: float, seed: int,
-            adapter_extra: dict | None = None, variant: str = "", max_steps: int | None = None) -> dict:
-    """One run of the grid, in the runs folder; skipped when finished, resumed when interrupted."""
-    out = runs / run_key(method, lr, fraction, seed, variant)
+            adapter_extra: dict | None = None, variant: str = "", max_steps: int | None = None,
+            on_step=None) -> dict:
+    """One run of the grid, in the runs folder; skipped when finished, resumed when interrupted. Its adapter:
+    the grid's, the grid's options for the method, then `adapter_extra`."""
+    out = run_dir(runs, grid, method, lr, fraction, seed, adapter_extra, variant)
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
     if grid.report_only:
         raise NotFinished(f"{out} has not finished")
-    adapter = {} if method in NO_ADAPTER else {**grid.adapter, **(adapter_extra or {})}
+    options = {**grid.options.get(method, {}), **(adapter_extra or {})}
+    adapter = {} if method in NO_ADAPTER else {**grid.adapter, **options}
     settings = TrainSettings(model=grid.model, dataset=grid.dataset, method=method, fraction=fraction, seed=seed,
                              lr=lr, epochs=grid.epochs, max_train_examples=grid.max_train_examples,
                              max_eval_examples=grid.max_eval_examples, max_length=grid.max_length,
                              batch_size=grid.batch_size, image_size=grid.image_size, max_steps=max_steps,
                              max_new_tokens=grid.max_new_tokens, output=str(out), resume=True, adapter=adapter,
                              keep="last")  # the grids' protocol: the last step's adapter, as their results were made
-    return train(settings)
+    return train(settings, on_step=on_step)
 
 
 def validation_score(metrics: dict) -> float:
@@ -277,8 +306,7 @@ def ablations(grid: Grid, root: Path, runs: Path | None = None) -> str:
     results = {}
     for seed in grid.seeds:
         for name, options in ABLATIONS.items():
-            variant = "" if not options else "-".join(f"{k.split('_', 1)[1]}_{v}" for k, v in options.items())
-            results[name, seed] = run_one(runs, grid, "replora", lr, 1.0, seed, options, variant)
+            results[name, seed] = run_one(runs, grid, "replora", lr, 1.0, seed, options)
     val = {n: [results[n, s]["validation_accuracy"] for s in grid.seeds] for n in ABLATIONS}
     default = next(iter(ABLATIONS))
     lines = [f"# RepLoRA ablations: {grid.model} on {grid.dataset}", "",

@@ -15,6 +15,7 @@ from conftest import TINY_MODELS, outputs
 from data.make_v0_1_adapters import CASES
 
 DATA = __import__("pathlib").Path(__file__).parent / "data" / "v0.1"
+DATA_0_2 = DATA.parent / "v0.2"  # make_v0_2_adapters.py: RepLoRA files of format 2 (0.2's generator design)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -27,7 +28,10 @@ def test_adapter_saved_by_0_1_loads_with_its_outputs(case, tmp_path):
     # Saved again, it is written in today's format and loads the same.
     replora.save_adapter(model, tmp_path / "again")
     config = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
-    assert config["replora_format"] == 2 and "replora_version" in config
+    assert config["replora_format"] == 3 and "replora_version" in config
+    if "replora" in case:  # 0.1's generator design, now stated: saved again, it stays what it was
+        assert (config["replora_hidden_init"], config["replora_hidden_bias"], config["replora_head_bias"]) == (
+            "uniform", "shared", "shared")
     again = replora.load_adapter(tiny.build(), tmp_path / "again")
     assert torch.equal(outputs(again, expected), outputs(model, expected))
     if "replora" in case:  # the file layouts differ: RepLoRA's tensors moved from `replora.*` into the model
@@ -56,3 +60,20 @@ def test_a_format_1_file_with_a_missing_tensor_names_it(tmp_path):
     save_file(tensors, tmp_path / "broken" / "adapter_model.safetensors")
     with pytest.raises(ValueError, match=f"missing tensors \\['{missing}'\\]"):
         replora.load_adapter(TINY_MODELS["bert"].build(), tmp_path / "broken")
+
+
+@pytest.mark.parametrize("case", sorted(p.name for p in DATA_0_2.iterdir()))
+def test_replora_adapter_saved_by_0_2_computes_what_it_did(case, tmp_path):
+    """0.2 wrote no generator-design options (its biases and init were fixed): its files load with that design,
+    not today's default, and give the same outputs; saved again, the design is written down."""
+    tiny = TINY_MODELS[CASES[case][0]]
+    expected = load_file(DATA_0_2 / case / "expected.safetensors")
+    logits = expected.pop("logits")
+    model = replora.load_adapter(tiny.build(), DATA_0_2 / case)
+    torch.testing.assert_close(outputs(model, expected), logits, atol=1e-6, rtol=1e-6)
+    config = replora.get_config(model)
+    assert (config.replora_hidden_init, config.replora_hidden_bias, config.replora_head_bias) == (
+        "uniform", "shared", "shared")
+    replora.save_adapter(model, tmp_path / "again")
+    again = replora.load_adapter(tiny.build(), tmp_path / "again")
+    assert torch.equal(outputs(again, expected), outputs(model, expected))

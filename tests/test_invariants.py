@@ -111,7 +111,9 @@ def expected_trainable_count(config, shapes, extra):
     def generator(seed_a, seed_b, members):
         ins = sum(i for i, _ in members.values())
         outs = sum(o for _, o in members.values())
-        return (seed_a * h + h + h * ins + ins) + (seed_b * h + h + h * outs + outs)
+        hidden_bias = h if config.replora_hidden_bias == "shared" else 0  # one bias vector of the hidden layer
+        rows = {"none": 0, "shared": 1, "per_row": r}[config.replora_head_bias]  # head bias vectors per output
+        return (seed_a * h + hidden_bias + h * ins + rows * ins) + (seed_b * h + hidden_bias + h * outs + rows * outs)
 
     n, signatures = 0, set()
     for members in groups.values():

@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -157,6 +157,16 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torc
 # What adapter_config.json records beside the AdapterConfig: where and for what the adapter was made.
 RECORDS = ("replora_version", "base_model_name_or_path", "task_type")
 
+# Options added in a format, with what a file of an older format meant by leaving them out: RepLoRA's
+# generators had biases and nn.Linear's init until format 3 (replora 0.3 changed the defaults).
+OMITTED_BEFORE = {3: {"replora_hidden_init": "uniform", "replora_hidden_bias": "shared", "replora_head_bias": "shared"}}
+
+
+def options_of_layout(method: str, layout: int) -> dict[str, Any]:
+    """The options that files of format `layout` left out and meant, for this method (empty if current)."""
+    owned = METHODS[method].options if method in METHODS else {}
+    return {k: v for fmt, options in OMITTED_BEFORE.items() if layout < fmt for k, v in options.items() if k in owned}
+
 
 def _read(path) -> tuple[AdapterConfig, dict[str, torch.Tensor], int]:
     data, tensors = read_adapter_files(path)
@@ -168,6 +178,7 @@ def _read(path) -> tuple[AdapterConfig, dict[str, torch.Tensor], int]:
         raise ValueError(f"{where}: replora_format {layout!r} is newer than this replora ({__version__}) reads; "
                          "upgrade replora (pip install -U replora)")
     data = {k: v for k, v in data.items() if k not in RECORDS}
+    data = {**options_of_layout(data.get("method", "lora"), layout), **data}
     try:
         config = AdapterConfig.from_dict(data)
     except ValueError as e:

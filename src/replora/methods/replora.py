@@ -35,42 +35,69 @@ class Generator(nn.Module):
     The heads are one fused weight (`head`, rows role after role as listed in `head_sizes`): one
     matmul and two parameter tensors per generator however many targets it serves, which is what
     keeps RepLoRA's step within a few percent of LoRA's.
+
+    Project choice (the paper is silent on init and biases; research/RESULTS.md#reploras-rank-collapse
+    shows the measurement): by default neither layer has a bias and the hidden layer starts orthogonal,
+    so the r seed rows' features start orthonormal (up to sigma's curvature). Then A_t = Z H_t^T and
+    B_t = G_t Z_B^T start as LoRA's factors up to a rotation, and an Adam step on a head moves them as
+    much as it moves LoRA's: a bias (one vector added to every row of A_t, every column of B_t) or
+    features that share a bias make the update collapse to rank one and grow 5-8x faster than LoRA's.
     """
 
-    def __init__(self, seed_width: int, hidden: int, activation: str, head_sizes: dict[str, int], **like):
+    def __init__(self, seed_width: int, hidden: int, activation: str, head_sizes: dict[str, int], rows: int,
+                 hidden_init: str = "orthogonal", hidden_bias: str = "none", head_bias: str = "none", **like):
         super().__init__()
         self.activation = activation
         self.head_sizes = dict(head_sizes)
-        self.hidden = nn.Linear(seed_width, hidden, **like)
+        self.hidden = nn.Linear(seed_width, hidden, bias=hidden_bias == "shared", **like)
+        if hidden_init != "uniform":  # "uniform" keeps nn.Linear's draw (replora 0.2), bias included
+            init = nn.init.orthogonal_ if hidden_init == "orthogonal" else nn.init.eye_
+            with torch.no_grad():  # orthogonal_ draws in float32 at least (it needs a QR decomposition)
+                self.hidden.weight.copy_(init(torch.empty(self.hidden.weight.shape)))
+            if self.hidden.bias is not None:
+                nn.init.zeros_(self.hidden.bias)
         # Each role's rows are drawn as nn.Linear(hidden, size) draws them, role after role.
         parts = [nn.Linear(hidden, size, **like) for size in self.head_sizes.values()]
-        self.head = nn.utils.skip_init(nn.Linear, hidden, sum(self.head_sizes.values()), **like)
+        total = sum(self.head_sizes.values())
+        self.head = nn.utils.skip_init(nn.Linear, hidden, total, bias=head_bias == "shared", **like)
         with torch.no_grad():
             self.head.weight.copy_(torch.cat([p.weight for p in parts]))
-            self.head.bias.copy_(torch.cat([p.bias for p in parts]))
+            if self.head.bias is not None:
+                self.head.bias.copy_(torch.cat([p.bias for p in parts]))
+        # "per_row": each generated row (a row of A_t, a column of B_t) has a bias of its own, from zero.
+        self.row_bias = nn.Parameter(torch.zeros(rows, total, **like)) if head_bias == "per_row" else None
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """Its parameters, read directly: parameters() walks the module tree (tens of µs), and the factor
         cache's key reads them at every target's forward. Read at each call, never kept: FSDP swaps them."""
-        return self.hidden.weight, self.hidden.bias, self.head.weight, self.head.bias
+        found = (self.hidden.weight, self.hidden.bias, self.head.weight, self.head.bias, self.row_bias)
+        return tuple(t for t in found if t is not None)
 
     def features(self, seed: torch.Tensor) -> torch.Tensor:
         """sigma(hidden(row)) for each seed row; a diagonal seed (a vector) is read as diag(seed),
         without building it: row i is sigma(seed_i W[:, i] + b)."""
         if seed.dim() == 1:
-            return ACTIVATIONS[self.activation](torch.addcmul(self.hidden.bias, seed.unsqueeze(1), self.hidden.weight.T))
+            rows = seed.unsqueeze(1) * self.hidden.weight.T if self.hidden.bias is None else \
+                torch.addcmul(self.hidden.bias, seed.unsqueeze(1), self.hidden.weight.T)
+            return ACTIVATIONS[self.activation](rows)
         return ACTIVATIONS[self.activation](self.hidden(seed))
 
     def outputs(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each role's (rows, size) output of its head, as views of one matmul."""
-        return dict(zip(self.head_sizes, self.head(features).split(list(self.head_sizes.values()), dim=1)))
+        out = self.head(features)
+        if self.row_bias is not None:
+            out = out + self.row_bias
+        return dict(zip(self.head_sizes, out.split(list(self.head_sizes.values()), dim=1)))
 
     def output(self, features: torch.Tensor, role: str) -> torch.Tensor:
         """One role's output alone: its rows of the fused head."""
         start = 0
         for name, size in self.head_sizes.items():
             if name == role:
-                return F.linear(features, self.head.weight[start:start + size], self.head.bias[start:start + size])
+                part = slice(start, start + size)
+                bias = None if self.head.bias is None else self.head.bias[part]
+                out = F.linear(features, self.head.weight[part], bias)
+                return out if self.row_bias is None else out + self.row_bias[:, part]
             start += size
         raise KeyError(role)
 
@@ -82,11 +109,14 @@ class RepLoRAGenerators(nn.Module):
                  out_sizes: dict[str, int], **like):
         super().__init__()
         h, act = config.replora_hidden_size or config.r, config.replora_activation
-        self.lora_A_generator = Generator(seed_widths[0], h, act, in_sizes, **like)
-        self.lora_B_generator = Generator(seed_widths[1], h, act, out_sizes, **like)
+        design = {"rows": config.r, "hidden_init": config.replora_hidden_init,
+                  "hidden_bias": config.replora_hidden_bias, "head_bias": config.replora_head_bias}
+        self.lora_A_generator = Generator(seed_widths[0], h, act, in_sizes, **design, **like)
+        self.lora_B_generator = Generator(seed_widths[1], h, act, out_sizes, **design, **like)
         # B heads start at zero (weights and bias): dW = 0 at init, as LoRA's B = 0.
         nn.init.zeros_(self.lora_B_generator.head.weight)
-        nn.init.zeros_(self.lora_B_generator.head.bias)
+        if self.lora_B_generator.head.bias is not None:
+            nn.init.zeros_(self.lora_B_generator.head.bias)
 
     @torch.no_grad()
     def calibrate_A_heads(self, A_seed: torch.Tensor) -> None:
@@ -94,7 +124,8 @@ class RepLoRAGenerators(nn.Module):
         std 1 / sqrt(3 in_t) (the std of U(-1/sqrt(in), 1/sqrt(in)))."""
         generator = self.lora_A_generator
         z = generator.features(A_seed).float()
-        nn.init.zeros_(generator.head.bias)
+        if generator.head.bias is not None:
+            nn.init.zeros_(generator.head.bias)
         for weight in generator.head.weight.split(list(generator.head_sizes.values())):  # views: one per role
             std = (z @ weight.float().T).pow(2).mean().sqrt().item()  # the RMS: defined for a single entry too
             if std > 0:
@@ -193,6 +224,16 @@ class RepLoRA(Method):
         "replora_sharing": Option("block", "generator sharing: block (a block's targets share them), none (one "
                                            "pair per target) or model (blocks of equal shapes share them; seeds "
                                            "stay per block)", ("block", "none", "model")),
+        # The generator's design (Generator's docstring says why the defaults; replora 0.2 used uniform /
+        # shared / shared, which trains a rank-one update: files saved by it load with those values).
+        "replora_hidden_init": Option("orthogonal", "init of the generators' hidden layer: orthogonal, identity, "
+                                                    "or uniform (nn.Linear's, replora 0.2)",
+                                      ("orthogonal", "identity", "uniform")),
+        "replora_hidden_bias": Option("none", "bias of the hidden layer: none, or shared (one vector added to "
+                                              "every seed row's features, replora 0.2)", ("none", "shared")),
+        "replora_head_bias": Option("none", "bias of the output heads: none, shared (one vector added to every row "
+                                            "of A_t and column of B_t, replora 0.2) or per_row (one per row)",
+                                    ("none", "shared", "per_row")),
     }
 
     def __init__(self, config: AdapterConfig, group: RepLoRAGroup, role: str, owns_group: bool):
@@ -285,8 +326,10 @@ class RepLoRA(Method):
                 if signature in counted:
                     continue
                 counted.add(signature)
-            # Each generator: hidden (seed width -> h) and one fused head (h -> the targets' sizes), with biases.
-            n += sum(w * h + h + h * sum(sizes) + sum(sizes) for w, sizes in ((seed_a, ins), (seed_b, outs)))
+            # Each generator: hidden (seed width -> h) and one fused head (h -> the targets' sizes), and biases.
+            hidden_bias = h if config.replora_hidden_bias == "shared" else 0
+            head_bias = {"none": 0, "shared": 1, "per_row": r}[config.replora_head_bias]
+            n += sum(w * h + hidden_bias + (h + head_bias) * sum(sizes) for w, sizes in ((seed_a, ins), (seed_b, outs)))
         return n
 
 

@@ -17,8 +17,10 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import nn
 from safetensors.torch import load_file, save_file
 
 from ..model import count_parameters, inject
@@ -406,8 +408,11 @@ def run_notes(metrics: dict) -> list[str]:
     return notes
 
 
-def train(settings: TrainSettings) -> dict:
-    """Run one fine-tuning job; returns the metrics also written to <output>/metrics.json."""
+def train(settings: TrainSettings, on_step: Callable[[nn.Module, int], None] | None = None) -> dict:
+    """Run one fine-tuning job; returns the metrics also written to <output>/metrics.json.
+
+    on_step(model, step): called on the main process after each optimizer step with the unwrapped model, to
+    observe training (research/update_rank.py reads the adapters' updates); it must not change the model."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -567,6 +572,8 @@ def train(settings: TrainSettings) -> dict:
                 if accelerator.sync_gradients:
                     state["step"] += 1
                     progress.update(1)
+                    if on_step is not None and accelerator.is_main_process:
+                        on_step(accelerator.unwrap_model(model), state["step"])
                     elapsed = time.perf_counter() - epoch_start
                     postfix = dict(loss=f"{sum(recent) / len(recent):.4f}", ex_per_s=f"{seen / elapsed:.1f}")
                     if tokens:
