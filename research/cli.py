@@ -37,6 +37,27 @@ def parse_lrs(values: list[str], methods: tuple[str, ...], defaults: dict) -> di
     return {m: tuple(per_method.get(m) or shared or defaults.get(m, ())) for m in methods}
 
 
+def parse_options(values: list[str], options: dict[str, dict]) -> dict[str, dict]:
+    """`--option replora_head_bias=shared`: an adapter option for the method that owns it (its runs are named
+    by it), on top of the grid's options."""
+    from replora.methods import method_options
+
+    out = {m: dict(o) for m, o in options.items()}
+    for value in values:
+        key, sep, text = value.partition("=")
+        if not sep or key not in method_options():
+            raise ValueError(f"--option {value!r}: give a method option as name=value, one of "
+                             f"{', '.join(method_options())}")
+        method, spec = method_options()[key]
+        try:
+            parsed = spec.type(text) if spec.type is not str else text
+        except ValueError:
+            raise ValueError(f"--option {value!r}: {key} takes a {spec.type.__name__}") from None
+        spec.check(key, parsed)
+        out.setdefault(method, {})[key] = parsed
+    return out
+
+
 def _overridden(grid, args: argparse.Namespace, name: str):
     """The grid with the command line's overrides, its learning rates checked."""
     overrides = {k: v for k, v in {
@@ -47,6 +68,8 @@ def _overridden(grid, args: argparse.Namespace, name: str):
         "seeds": tuple(args.seeds) if args.seeds else None}.items() if v is not None}
     if args.lrs:
         overrides["lrs"] = parse_lrs(args.lrs, overrides.get("methods", grid.methods), grid.lrs)
+    if args.option:
+        overrides["options"] = parse_options(args.option, grid.options)
     grid = dataclasses.replace(grid, **overrides)
     if missing := [m for m in grid.methods if not grid.lrs.get(m)]:
         raise ValueError(f"grid {name} has no learning rates for {missing}: give them, e.g. --lrs {missing[0]}=1e-3")
@@ -222,6 +245,8 @@ def _grid_parser(sub, name: str, help_text: str, description: str, grids: bool =
     p.add_argument("--seeds", nargs="+", type=int, help="override the grid's seeds")
     p.add_argument("--lrs", nargs="+", help="learning-rate grid picked from on validation: for every method "
                    "(1e-3 3e-3), or for one (lora=3e-3; repeat for several)")
+    p.add_argument("--option", nargs="+", metavar="NAME=VALUE", help="an adapter option for the method that owns it, "
+                   "e.g. replora_head_bias=shared (its runs are named by the options that differ from replora 0.2's)")
     p.add_argument("--runs", help="runs folder (default <output>/runs): point a variant of a grid at the grid's "
                    "runs to reuse them")
     p.set_defaults(func=cmd_grid)
