@@ -193,6 +193,8 @@ def cmd_update_rank(args: argparse.Namespace) -> int:
             print(update_rank.probe(root))
         elif part == "screen":
             print(update_rank.screen(root, report_only=args.report_only))
+        elif part == "cost":
+            print(update_rank.cost(root))
         else:
             print(update_rank.trajectories(root, report_only=args.report_only))
     print(f"results in {root}")
@@ -329,8 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "rank of dW per target) and how large its steps are: on issue 31's probe "
                                       "net (seconds), over real runs of the image and text protocols, and across "
                                       "RepLoRA's generator designs on the image protocol (runs: resumable).")
-    rank.add_argument("--parts", nargs="+", choices=("probe", "screen", "trajectory"),
-                      default=["probe", "screen", "trajectory"], help="what to run (default all, in this order)")
+    rank.add_argument("--parts", nargs="+", choices=("probe", "screen", "trajectory", "cost"),
+                      default=["probe", "screen", "trajectory"], help="what to run (default probe, screen, "
+                      "trajectory; cost: a training step against 0.2's design, side by side, wants an idle machine)")
     rank.add_argument("--output", help="results folder (default research/results/update-rank; the runs go to the "
                                        "grids' runs folders beside it)")
     rank.add_argument("--report-only", action="store_true", help="read finished runs only: train nothing")

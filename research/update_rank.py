@@ -133,11 +133,11 @@ def probe_contenders() -> dict[str, tuple[str, dict]]:
     return contenders
 
 
-def probe(root: Path, lrs: tuple[float, ...] = (1e-3, 3e-3), steps: int = 60) -> str:
+def probe(root: Path, lrs: tuple[float, ...] = (1e-3, 3e-3), steps: int = 60, width: int = 384) -> str:
     rows = []
     for name, (method, options) in probe_contenders().items():
         for lr in lrs:
-            trajectory = probe_run(method, lr, options, steps)
+            trajectory = probe_run(method, lr, options, steps, width=width)
             first, last = trajectory[0], trajectory[-1]
             rows.append({"contender": name, "lr": lr, "norm_after_1": first["norm"], "norm_after": last["norm"],
                          "step_norm_mean": statistics.fmean(t["step_norm"] for t in trajectory),
@@ -145,7 +145,7 @@ def probe(root: Path, lrs: tuple[float, ...] = (1e-3, 3e-3), steps: int = 60) ->
                          "top_share_max": last["top_share_max"], "stable_rank_mean": last["stable_rank_mean"]})
     lora = {row["lr"]: row for row in rows if row["contender"] == "lora"}
     lines = ["# The update's rank and size: the probe net of issue 31", "",
-             f"4 blocks (query/value Linear 384x384, tanh between), a frozen 10-way head, random data, batch 32, "
+             f"4 blocks (query/value Linear {width}x{width}, tanh between), a frozen 10-way head, random data, batch 32, "
              f"r = 8, alpha 16, AdamW, {steps} steps, seed 0; dW of each of the 8 targets after the last step. "
              "Top share: σ₁²/Σσ² (1.0 = rank one; LoRA's spread is the reference). Step: the mean ‖ΔdW‖ per "
              "step over all targets, and its ratio to LoRA's at the same rate.", "",
@@ -326,4 +326,65 @@ def screen(root: Path, lrs: tuple[float, ...] = (3e-3,), report_only: bool = Fal
         write_csv(root / "screen.csv", [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
                                         for r in rows])
         (root / "screen.md").write_text(report)
+    return report
+
+
+# --- the cost: a training step of today's RepLoRA against 0.2's, side by side -----------------------------
+def cost(root: Path, models: tuple[str, ...] = ("minilm", "smollm2"), batch: tuple[int, int] = (4, 32),
+         r: int = 8, rounds: int = 9, profile_steps: int = 3) -> str:
+    """Time ratio and ops per training step (forward, backward, AdamW) of today's RepLoRA, 0.2's design and
+    LoRA, on the same weights and batch, timed back to back with 0.2's design as the reference (and 0.2
+    against itself: the control, the machine's noise); ops counted by torch.profiler over a few steps."""
+    import copy
+
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from replora.training.pretrained import load_model
+    from . import bench
+
+    contenders = {"replora": {}, "replora 0.2": LEGACY_REPLORA}
+    references = {"replora": "replora 0.2", "lora": "replora 0.2", "replora 0.2": "replora 0.2"}
+    device = torch.device("cpu")
+    rows = []
+    for name in models:
+        torch.manual_seed(0)
+        base, _ = load_model(name, 2)
+        base.eval()
+        targets = bench._targets(base)
+        ids = torch.randint(100, 1000, batch, generator=torch.Generator().manual_seed(0))
+        data = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        steps = {}
+        for label, (method, options) in {**{k: ("replora", v) for k, v in contenders.items()},
+                                         "lora": ("lora", {})}.items():
+            torch.manual_seed(0)
+            model = replora.inject(copy.deepcopy(base), replora.AdapterConfig(
+                method=method, r=r, lora_alpha=2 * r, target_modules=targets, **options)).train()
+            steps[label] = bench._Step(model, data)
+        for step in steps.values():  # warm up
+            step()
+        repeat = max(1, round(0.3 / max(bench._timed(steps["replora 0.2"], device, 1), 1e-9)))
+        timings = bench._paired_rounds(steps, references, None, rounds, device, repeat)
+        ops = {}
+        for label, step in steps.items():
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(profile_steps):
+                    step()
+            ops[label] = sum(e.count for e in prof.key_averages()) / profile_steps
+        for label, reference in references.items():
+            ratio = bench._quartiles([t[0] / t[1] for t in timings[label]])
+            rows.append({"model": name, "contender": label, "reference": reference, "ratio_median": ratio["median"],
+                         "ratio_q1": ratio["q1"], "ratio_q3": ratio["q3"], "ops_per_step": ops[label],
+                         "trainable": sum(p.numel() for p in steps[label].params)})
+    lines = ["# A training step of today's RepLoRA against 0.2's design", "",
+             f"Batch {batch[0]} x {batch[1]} tokens, r = {r} on the attention's query/value, forward + backward + "
+             f"AdamW, {rounds} rounds timed back to back with 0.2's design (the reference; 0.2 against itself is "
+             f"the control: the machine's noise). Ops: torch.profiler's events per step, over {profile_steps} "
+             "steps.", "",
+             "| model | contender | time / 0.2's (median [q1, q3]) | ops per step | trainable |", "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['contender']} | {row['ratio_median']:.3f} [{row['ratio_q1']:.3f}, "
+                     f"{row['ratio_q3']:.3f}] | {row['ops_per_step']:.0f} | {row['trainable']:,} |")
+    report = "\n".join(lines) + "\n"
+    write_csv(root / "cost.csv", [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
+    (root / "cost.md").write_text(report)
     return report

@@ -451,3 +451,51 @@ def test_python_m_research_runs_from_the_repository_root():
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith(f"usage: research {command}") and "--output" in done.stdout
+
+
+def test_update_rank_probe_reports_every_method_and_design(tmp_path):
+    from research import update_rank
+
+    report = update_rank.probe(tmp_path, lrs=(1e-3,), steps=3, width=16)
+    for name in update_rank.probe_contenders():
+        assert f"| {name} | 0.001 |" in report
+    rows = (tmp_path / "probe.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(update_rank.probe_contenders())
+
+
+@pytest.mark.slow
+def test_update_rank_traces_a_run_and_names_runs_by_their_design(tmp_path, tiny_folders):
+    """A traced run records every step's update in its folder; runs are named by the options that differ from
+    replora 0.2's, so the committed 0.2 runs keep their names and today's RepLoRA gets its own."""
+    from research import update_rank
+
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(120))
+    grid = experiments.Grid(model=tiny_folders["bert"], dataset=str(data), methods=("replora",), fractions=(1.0,),
+                            seeds=(0,), lrs={"replora": (1e-3,)}, epochs=1, max_train_examples=None,
+                            max_eval_examples=None, max_length=32)
+    runs = tmp_path / "runs"
+    metrics, trajectory = update_rank.traced_run(runs, grid, "replora", 1e-3)
+    assert (runs / "replora-hidden_init_orthogonal-hidden_bias_none-head_bias_none-lr0.001-f1-s0" / "metrics.json").is_file()
+    assert [t["step"] for t in trajectory] == list(range(1, metrics["steps"] + 1))
+    assert all(t["norm"] > 0 for t in trajectory) and all("step_norm" in t for t in trajectory[1:])
+    assert 0 < trajectory[0]["top_share_mean"] <= 1
+    again = update_rank.traced_run(runs, grid, "replora", 1e-3)  # finished: read, not trained again
+    assert again == (metrics, trajectory)
+    # A grid recorded before grids had options ran 0.2's RepLoRA: its runs have the plain names.
+    saved = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(grid))).items()
+             if k not in ("options", "report_only")}
+    old = experiments.Grid.from_json(saved)
+    assert experiments.run_dir(runs, old, "replora", 1e-3, 1.0, 0).name == "replora-lr0.001-f1-s0"
+    assert experiments.run_dir(runs, old, "replora", 1e-3, 1.0, 0, {"replora_activation": "gelu"}).name == \
+        "replora-activation_gelu-lr0.001-f1-s0"
+    assert experiments.run_dir(runs, grid, "lora", 1e-3, 1.0, 0).name == "lora-lr0.001-f1-s0"
+
+
+def test_grid_option_flag_is_checked_and_recorded():
+    grid = experiments.GRIDS["minilm-rt"]
+    assert cli.parse_options(["replora_head_bias=shared", "replora_hidden_size=16"], grid.options) == {
+        "replora": {"replora_head_bias": "shared", "replora_hidden_size": 16}}
+    with pytest.raises(ValueError, match="unknown replora_head_bias 'sideways'"):
+        cli.parse_options(["replora_head_bias=sideways"], {})
+    with pytest.raises(ValueError, match="give a method option as name=value"):
+        cli.parse_options(["head_bias=shared"], {})
