@@ -44,12 +44,12 @@ DESIGNS = {
     "0.2 (uniform init, shared biases)": LEGACY_REPLORA,
     "identity init, no biases": {**ORTHOGONAL, "replora_hidden_init": "identity"},
     "head bias shared": {**ORTHOGONAL, "replora_head_bias": "shared"},
+    "uniform init, no biases": {**ORTHOGONAL, "replora_hidden_init": "uniform"},
     "hidden bias shared": {**ORTHOGONAL, "replora_hidden_bias": "shared"},
-    "gelu": {**ORTHOGONAL, "replora_activation": "gelu"},
     "identity activation": {**ORTHOGONAL, "replora_activation": "identity"},
+    "gelu": {**ORTHOGONAL, "replora_activation": "gelu"},
     "h = 2r": {**ORTHOGONAL, "replora_hidden_size": 16},
     "h = 4r": {**ORTHOGONAL, "replora_hidden_size": 32},
-    "uniform init, no biases": {**ORTHOGONAL, "replora_hidden_init": "uniform"},
     "head bias per row": {**ORTHOGONAL, "replora_head_bias": "per_row"},
     "full seed": {**ORTHOGONAL, "replora_seed": "full"},
 }
@@ -385,6 +385,7 @@ def cost(root: Path, models: tuple[str, ...] = ("minilm", "smollm2"), batch: tup
         lines.append(f"| {row['model']} | {row['contender']} | {row['ratio_median']:.3f} [{row['ratio_q1']:.3f}, "
                      f"{row['ratio_q3']:.3f}] | {row['ops_per_step']:.0f} | {row['trainable']:,} |")
     report = "\n".join(lines) + "\n"
+    root.mkdir(parents=True, exist_ok=True)
     write_csv(root / "cost.csv", [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
     (root / "cost.md").write_text(report)
     return report
