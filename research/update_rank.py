@@ -16,8 +16,8 @@ Three parts, each resumable:
                `update_rank.jsonl`; `trajectory.md` / `.csv` / `.png`.
   screen       RepLoRA's designs on the image protocol, one seed, full data: validation accuracy (the pick),
                and the trajectory statistics at the end; `screen.md` / `.csv`.
-The runs (named as the grids name theirs) live in <output>/runs, apart from the grids' own: every one of
-them has its trajectory.
+The runs (named as the grids name theirs) live in <output>/runs (image) and <output>/runs-text, apart from
+the grids' own: every one of them has its trajectory.
 """
 from __future__ import annotations
 
@@ -78,6 +78,27 @@ def summarize(updates: dict[str, torch.Tensor], previous: dict[str, torch.Tensor
     if previous is not None:
         row["step_norm"] = sum((updates[k] - previous[k]).pow(2).sum().item() for k in updates) ** 0.5
     return row
+
+
+def publish(root: Path, name: str, rows: list[dict], report: str) -> None:
+    """<name>.csv (floats rounded) and <name>.md in root."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_csv(root / f"{name}.csv", [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+                                     for row in rows])
+    (root / f"{name}.md").write_text(report)
+
+
+def end_of_run(trajectory: list[dict]) -> dict:
+    """A traced run in numbers: its mean step (first 10, all), and its rank statistics at the last step."""
+    steps = [t["step_norm"] for t in trajectory if "step_norm" in t]
+    ranked = [t for t in trajectory if "top_share_mean" in t]
+    nan = float("nan")
+    return {"norm_end": trajectory[-1]["norm"] if trajectory else nan,
+            "step_norm_first10": statistics.fmean(steps[:10]) if steps else nan,
+            "step_norm_mean": statistics.fmean(steps) if steps else nan,
+            "top_share_end": ranked[-1]["top_share_mean"] if ranked else nan,
+            "top_share_max_end": ranked[-1]["top_share_max"] if ranked else nan,
+            "stable_rank_end": ranked[-1]["stable_rank_mean"] if ranked else nan}
 
 
 # --- the probe: issue 31's plain net --------------------------------------------------------------------
@@ -157,10 +178,7 @@ def probe(root: Path, lrs: tuple[float, ...] = (1e-3, 3e-3), steps: int = 60, wi
                      f"{row['step_norm_mean']:.3f} | {ratio:.2f} | {row['top_share_mean']:.2f} "
                      f"({row['top_share_min']:.2f}–{row['top_share_max']:.2f}) | {row['stable_rank_mean']:.1f} |")
     report = "\n".join(lines) + "\n"
-    root.mkdir(parents=True, exist_ok=True)
-    write_csv(root / "probe.csv", [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
-                                   for row in rows])
-    (root / "probe.md").write_text(report)
+    publish(root, "probe", rows, report)
     return report
 
 
@@ -208,7 +226,8 @@ def traced_run(runs: Path, grid: Grid, method: str, lr: float, options: dict | N
     return metrics, read_trajectory(out)
 
 
-PROTOCOLS = {"image": "dinov2-cifar10", "text": "minilm-rt"}
+# protocol -> (its grid, its runs folder under the output): run names do not say the model, so one folder each.
+PROTOCOLS = {"image": ("dinov2-cifar10", "runs"), "text": ("minilm-rt", "runs-text")}
 
 
 def trajectory_contenders(grid: Grid) -> list[tuple[str, str, float, dict]]:
@@ -222,21 +241,19 @@ def trajectory_contenders(grid: Grid) -> list[tuple[str, str, float, dict]]:
 
 def trajectories(root: Path, report_only: bool = False) -> str:
     rows, curves = [], {}
-    for protocol, grid_name in PROTOCOLS.items():
+    for protocol, (grid_name, folder) in PROTOCOLS.items():
         grid = dataclasses.replace(GRIDS[grid_name], report_only=report_only)
-        runs = root / "runs"
+        runs = root / folder
         for name, method, lr, options in trajectory_contenders(grid):
-            metrics, trajectory = traced_run(runs, grid, method, lr, options)
+            try:
+                metrics, trajectory = traced_run(runs, grid, method, lr, options)
+            except NotFinished:  # (report_only)
+                continue
             if not trajectory:
                 continue
             curves[protocol, name] = trajectory
-            ranked = [t for t in trajectory if "top_share_mean" in t]
-            steps = [t["step_norm"] for t in trajectory if "step_norm" in t]
             rows.append({"protocol": protocol, "contender": name, "steps": trajectory[-1]["step"],
-                         "validation_accuracy": metrics["validation_accuracy"], "norm_end": trajectory[-1]["norm"],
-                         "step_norm_first10": statistics.fmean(steps[:10]), "step_norm_mean": statistics.fmean(steps),
-                         "top_share_end": ranked[-1]["top_share_mean"], "top_share_max_end": ranked[-1]["top_share_max"],
-                         "stable_rank_end": ranked[-1]["stable_rank_mean"]})
+                         "validation_accuracy": metrics["validation_accuracy"], **end_of_run(trajectory)})
     lines = ["# The update's rank and size over real training runs", "",
              "Seed 0, full training data, the grids' settings (image: DINOv2-S, CIFAR-10 800 images, 112 px, 250 "
              "steps; text: MiniLM, Rotten Tomatoes, 3,000 snippets, 282 steps), query/value, r = 8. Step: ‖ΔdW‖ "
@@ -250,9 +267,7 @@ def trajectories(root: Path, report_only: bool = False) -> str:
                      f"{row['top_share_end']:.2f} ({row['top_share_max_end']:.2f}) | {row['stable_rank_end']:.1f} |")
     report = "\n".join(lines) + "\n"
     if rows:
-        write_csv(root / "trajectory.csv", [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
-                                            for r in rows])
-        (root / "trajectory.md").write_text(report)
+        publish(root, "trajectory", rows, report)
         _plot(curves, root / "trajectory.png")
     return report
 
@@ -287,12 +302,16 @@ def _plot(curves: dict, path: Path) -> None:
 # --- the screen: RepLoRA's designs on the image protocol -------------------------------------------------
 def screen(root: Path, lrs: tuple[float, ...] = (3e-3,), report_only: bool = False) -> str:
     """LoRA, then every design at `lrs` (the first two designs at 1e-3 too), seed 0, fraction 1, in root/runs."""
-    grid = dataclasses.replace(GRIDS["dinov2-cifar10"], report_only=report_only)
-    runs = root / "runs"
+    grid_name, folder = PROTOCOLS["image"]
+    grid = dataclasses.replace(GRIDS[grid_name], report_only=report_only)
+    runs = root / folder
     lora = {}
     for lr in lrs:
-        metrics, trajectory = traced_run(runs, grid, "lora", lr)
-        lora[lr] = (metrics["validation_accuracy"], statistics.fmean(t["step_norm"] for t in trajectory[1:]))
+        try:
+            metrics, trajectory = traced_run(runs, grid, "lora", lr)
+        except NotFinished:  # (report_only)
+            continue
+        lora[lr] = (metrics["validation_accuracy"], end_of_run(trajectory)["step_norm_mean"])
     rows = []
     for i, (name, options) in enumerate(DESIGNS.items()):
         for lr in sorted(set(lrs) | ({1e-3} if i < 2 else set()), reverse=True):
@@ -300,13 +319,8 @@ def screen(root: Path, lrs: tuple[float, ...] = (3e-3,), report_only: bool = Fal
                 metrics, trajectory = traced_run(runs, grid, "replora", lr, options)
             except NotFinished:
                 continue
-            ranked = [t for t in trajectory if "top_share_mean" in t]
-            steps = [t["step_norm"] for t in trajectory if "step_norm" in t]
             rows.append({"design": name, "lr": lr, "validation_accuracy": metrics["validation_accuracy"],
-                         "trainable_parameters": metrics["trainable_parameters"],
-                         "step_norm_mean": statistics.fmean(steps) if steps else float("nan"),
-                         "top_share_end": ranked[-1]["top_share_mean"] if ranked else float("nan"),
-                         "stable_rank_end": ranked[-1]["stable_rank_mean"] if ranked else float("nan"),
+                         "trainable_parameters": metrics["trainable_parameters"], **end_of_run(trajectory),
                          "seconds": round(metrics["wall_time_seconds"], 1)})
     lines = ["# RepLoRA's designs on the image protocol (the screen)", "",
              "DINOv2-S, CIFAR-10 (800 training / 200 validation images), 112 px, 250 steps, r = 8 on query/value, "
@@ -323,9 +337,7 @@ def screen(root: Path, lrs: tuple[float, ...] = (3e-3,), report_only: bool = Fal
                      f"{row['stable_rank_end']:.1f} | {row['trainable_parameters']:,} |")
     report = "\n".join(lines) + "\n"
     if rows:
-        write_csv(root / "screen.csv", [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
-                                        for r in rows])
-        (root / "screen.md").write_text(report)
+        publish(root, "screen", rows, report)
     return report
 
 
@@ -385,7 +397,5 @@ def cost(root: Path, models: tuple[str, ...] = ("minilm", "smollm2"), batch: tup
         lines.append(f"| {row['model']} | {row['contender']} | {row['ratio_median']:.3f} [{row['ratio_q1']:.3f}, "
                      f"{row['ratio_q3']:.3f}] | {row['ops_per_step']:.0f} | {row['trainable']:,} |")
     report = "\n".join(lines) + "\n"
-    root.mkdir(parents=True, exist_ok=True)
-    write_csv(root / "cost.csv", [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
-    (root / "cost.md").write_text(report)
+    publish(root, "cost", rows, report)
     return report
