@@ -306,10 +306,11 @@ def screen(root: Path, lrs: tuple[float, ...] = (3e-3,), report_only: bool = Fal
     grid = dataclasses.replace(GRIDS[grid_name], report_only=report_only)
     runs = root / folder
     lora = {}
-    for lr in lrs:
+    for lr in sorted(set(lrs) | {1e-3}, reverse=True):  # LoRA at 1e-3 is the trajectory part's: read if there
         try:
-            metrics, trajectory = traced_run(runs, grid, "lora", lr)
-        except NotFinished:  # (report_only)
+            metrics, trajectory = traced_run(runs, grid if lr in lrs else dataclasses.replace(grid, report_only=True),
+                                             "lora", lr)
+        except NotFinished:
             continue
         lora[lr] = (metrics["validation_accuracy"], end_of_run(trajectory)["step_norm_mean"])
     rows = []
