@@ -196,7 +196,7 @@ def cmd_update_rank(args: argparse.Namespace) -> int:
         elif part == "cost":
             print(update_rank.cost(root))
         else:
-            print(update_rank.trajectories(root, report_only=args.report_only))
+            print(update_rank.trajectories(root, report_only=args.report_only, train=tuple(args.protocols)))
     print(f"results in {root}")
     return 0
 
@@ -337,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--output", help="results folder (default research/results/update-rank; the runs go to the "
                                        "grids' runs folders beside it)")
     rank.add_argument("--report-only", action="store_true", help="read finished runs only: train nothing")
+    rank.add_argument("--protocols", nargs="+", choices=("image", "text"), default=["image", "text"],
+                      help="the protocols whose trajectory runs may train (default both; the others are read)")
     rank.set_defaults(func=cmd_update_rank)
 
     report = sub.add_parser("report", help="rebuild every report's tables and plots from its finished runs",

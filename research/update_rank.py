@@ -239,10 +239,11 @@ def trajectory_contenders(grid: Grid) -> list[tuple[str, str, float, dict]]:
     return out
 
 
-def trajectories(root: Path, report_only: bool = False) -> str:
+def trajectories(root: Path, report_only: bool = False, train: tuple[str, ...] = tuple(PROTOCOLS)) -> str:
+    """The traced runs of every protocol; those of protocols not in `train` are read, never trained."""
     rows, curves = [], {}
     for protocol, (grid_name, folder) in PROTOCOLS.items():
-        grid = dataclasses.replace(GRIDS[grid_name], report_only=report_only)
+        grid = dataclasses.replace(GRIDS[grid_name], report_only=report_only or protocol not in train)
         runs = root / folder
         for name, method, lr, options in trajectory_contenders(grid):
             try:
