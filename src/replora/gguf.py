@@ -14,12 +14,12 @@ converter permutes them per head), so B of q_proj / k_proj gets the same row per
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .files import write_file
 from .methods.base import Method
 from .model import adapted_layers, get_config, require_adapter, saved_modules
 from .version import __version__
@@ -119,9 +119,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
     if path.is_dir():
         raise ValueError(f"cannot write the GGUF adapter to {path}: it is a folder; give a file path such as "
                          f"{path / 'adapter.gguf'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"  # opened as usual: umask applies
-    try:
+
+    def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(tmp, ARCHITECTURE)
         writer.add_type("adapter")  # general.type
         writer.add_string("adapter.type", "lora")
@@ -134,10 +133,5 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_file(path, write)
