@@ -84,3 +84,33 @@ def test_registering_checks_the_class_and_its_options(gated):
     with pytest.raises(ValueError, match="option 'gated_init' is already method 'gated'"):
         register_method(Clash)
     assert "clash" not in METHODS
+
+
+def test_a_method_that_changes_the_forward_rule_must_state_what_it_exports_as():
+    """Exporters read one stated capability, never guess from attributes or overridden methods: a method
+    with its own forward rule that says nothing is refused when its class is made; one that says None is
+    refused by both exporters, by name."""
+    with pytest.raises(TypeError, match="Scaled overrides forward.*exports_as = 'lora', 'dora' or None"):
+        class Scaled(LoRA):  # noqa: F841 - the class statement is the test
+            name = "scaled"
+
+            def forward(self, x, result, layer):
+                return 2 * super().forward(x, result, layer)
+
+    class Doubled(LoRA):
+        name = "doubled"
+        summary = "2 · (W0 x + s·B A x)"
+        exports_as = None
+
+        def forward(self, x, result, layer):
+            return 2 * super().forward(x, result, layer)
+
+    register_method(Doubled)
+    try:
+        model = replora.inject(BERT.build(), replora.AdapterConfig(method="doubled"))
+        with pytest.raises(ValueError, match="method 'doubled' states that its adapters are neither LoRA nor DoRA"):
+            replora.export_peft(model, "unused")
+        assert replora.methods.export_form("doubled") is None and replora.methods.export_form("dora") == "dora"
+        assert all(replora.methods.export_form(m) == "lora" for m in ("lora", "moslora", "replora"))
+    finally:
+        del METHODS["doubled"]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .files import write_file
-from .methods.base import Method
+from .methods import export_form
 from .model import adapted_layers, get_config, require_adapter, saved_modules
 from .version import __version__
 
@@ -63,13 +63,12 @@ def gguf_tensors(model: nn.Module, adapter_name: str | None = None, dtype: torch
     if dtype not in DTYPES:
         raise ValueError(f"export_gguf writes float32 or float16 tensors, got dtype={dtype}")
     layers = {p: layer for p, layer in adapted_layers(model).items() if name in layer.lora}
-    for layer in layers.values():
-        adapter = layer.lora[name]
-        if type(adapter).forward is not Method.forward or type(adapter).fold is not Method.fold:
-            raise ValueError(f"a {config.method} adapter cannot be written as a llama.cpp LoRA adapter: its update is "
-                             "not a low-rank B A (DoRA rescales each output row of W0 + s B A by a learned "
-                             "magnitude over its norm) and llama.cpp's adapter GGUF holds only LoRA factors; "
-                             f"{MERGE_HINT}, or train with method lora, moslora or replora")
+    if export_form(config.method) != "lora":
+        why = ("DoRA rescales each output row of W0 + s B A by a learned magnitude over its norm"
+               if export_form(config.method) == "dora" else f"method {config.method!r} states exports_as = None")
+        raise ValueError(f"a {config.method} adapter cannot be written as a llama.cpp LoRA adapter: its update is "
+                         f"not a low-rank B A ({why}) and llama.cpp's adapter GGUF holds only LoRA factors; "
+                         f"{MERGE_HINT}, or train with method lora, moslora or replora")
     saved = [p for p, m in saved_modules(model).items() if name in m.copies]
     if saved:
         raise ValueError(f"adapter {name!r} trains whole modules (modules_to_save: {', '.join(saved[:3])}), which a "

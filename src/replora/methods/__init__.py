@@ -24,6 +24,11 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def export_form(method: str) -> str | None:
+    """What adapters of this registered method export as: "lora", "dora" or None (Method.exports_as)."""
+    return METHODS[method].exports_as
+
+
 def method_options() -> dict[str, tuple[str, Option]]:
     """Every registered method's options: option name -> (method name, Option)."""
     return {option: (name, spec) for name, cls in METHODS.items() for option, spec in cls.options.items()}
@@ -32,4 +37,4 @@ def method_options() -> dict[str, tuple[str, Option]]:
 for _method in (LoRA, DoRA, MoSLoRA, RepLoRA):
     register_method(_method)
 
-__all__ = ["METHODS", "Method", "Option", "register_method", "method_options", "LoRA", "DoRA", "MoSLoRA", "RepLoRA"]
+__all__ = ["METHODS", "Method", "Option", "register_method", "method_options", "export_form", "LoRA", "DoRA", "MoSLoRA", "RepLoRA"]
