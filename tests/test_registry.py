@@ -3,6 +3,7 @@ merged, saved, loaded and exported like the built-in four, with no other file ch
 from __future__ import annotations
 
 import pytest
+import safetensors.torch
 import torch
 from peft import PeftModel
 from torch import nn
@@ -114,3 +115,41 @@ def test_a_method_that_changes_the_forward_rule_must_state_what_it_exports_as():
         assert all(replora.methods.export_form(m) == "lora" for m in ("lora", "moslora", "replora"))
     finally:
         del METHODS["doubled"]
+
+
+def test_a_methods_frozen_parameters_stay_frozen_and_its_buffers_are_saved(tmp_path):
+    """A method may build parameters that never train (LoRA-FA's frozen A) and keep state in buffers:
+    switching adapters keeps the frozen ones frozen, and save / load carries the persistent buffers."""
+
+    class FrozenA(LoRA):
+        name = "frozen_a"
+        summary = "s·B A, A frozen"
+
+        def __init__(self, config, layer):
+            super().__init__(config, layer)
+            self.lora_A.requires_grad_(False)
+            self.register_buffer("lora_seen", torch.zeros(()))  # persistent: saved
+            self.register_buffer("scratch", torch.zeros(()), persistent=False)  # not saved
+
+    register_method(FrozenA)
+    try:
+        model = replora.inject(BERT.build(), replora.AdapterConfig(method="frozen_a"))
+        replora.add_adapter(model, replora.AdapterConfig(method="lora"), "other")
+        replora.set_adapter(model, "other")
+        replora.set_adapter(model, "default")
+        layer = next(m for m in model.modules() if isinstance(m, replora.layer.AdaptedLayer))
+        active = layer.lora["default"]
+        assert not active.lora_A.requires_grad and active.lora_B.requires_grad
+        assert not any(p.requires_grad for p in layer.lora["other"].parameters())
+        with torch.no_grad():
+            active.lora_seen.fill_(7.0)
+            active.lora_B.normal_()
+        replora.save_adapter(model, tmp_path / "a")
+        keys = set(safetensors.torch.load_file(tmp_path / "a" / "adapter_model.safetensors"))
+        assert any(k.endswith(".lora_seen") for k in keys) and not any(k.endswith(".scratch") for k in keys)
+        fresh = replora.load_adapter(BERT.build(), tmp_path / "a")
+        loaded = next(m for m in fresh.modules() if isinstance(m, replora.layer.AdaptedLayer)).lora["default"]
+        assert loaded.lora_seen.item() == 7.0 and not loaded.lora_A.requires_grad
+        torch.testing.assert_close(outputs(fresh, BERT.inputs()), outputs(model, BERT.inputs()))
+    finally:
+        del METHODS["frozen_a"]

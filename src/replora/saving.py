@@ -34,22 +34,29 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
+def _state(module: nn.Module):
+    """(name, tensor) of a module's parameters and persistent buffers: what a method keeps is saved."""
+    yield from module.named_parameters()
+    for name, buffer in module.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        if leaf not in module.get_submodule(owner)._non_persistent_buffers_set:
+            yield name, buffer
+
+
 def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-    """The adapter's tensors (and its modules_to_save), keyed as in the saved file."""
+    """The adapter's tensors (parameters and persistent buffers, and its modules_to_save), keyed as in the
+    saved file."""
     name = require_adapter(model, adapter_name)
     tensors = {}
     for path, layer in adapted_layers(model).items():
         if name in layer.lora:
-            for pname, param in layer.lora[name].named_parameters():
-                tensors[f"{path}.{pname}"] = param
+            tensors.update({f"{path}.{key}": t for key, t in _state(layer.lora[name])})
     for path, holder in shared_modules(model).items():
         if name in holder:
-            for pname, param in holder[name].named_parameters():
-                tensors[f"{path}.lora_shared.{pname}".lstrip(".")] = param
+            tensors.update({f"{path}.lora_shared.{key}".lstrip("."): t for key, t in _state(holder[name])})
     for path, module in saved_modules(model).items():
         if name in module.copies:
-            for pname, param in module.copies[name].named_parameters():
-                tensors[f"{path}.{pname}"] = param
+            tensors.update({f"{path}.{key}": t for key, t in _state(module.copies[name])})
     return tensors
 
 
