@@ -82,7 +82,7 @@ def test_registering_checks_the_class_and_its_options(gated):
         name = "clash"
         options = {"gated_init": Option(0.0, "the same option name as gated's", type=float)}
 
-    with pytest.raises(ValueError, match="option 'gated_init' is already method 'gated'"):
+    with pytest.raises(ValueError, match="option 'gated_init' is already an option of method 'gated'"):
         register_method(Clash)
     assert "clash" not in METHODS
 
@@ -153,3 +153,47 @@ def test_a_methods_frozen_parameters_stay_frozen_and_its_buffers_are_saved(tmp_p
         torch.testing.assert_close(outputs(fresh, BERT.inputs()), outputs(model, BERT.inputs()))
     finally:
         del METHODS["frozen_a"]
+
+
+def test_a_subclass_inherits_its_parents_options_and_methods_may_share_one():
+    """A variant of a method is a subclass, registered under its own name, with its parent's options; two
+    methods may take one option (one Option object); two different options of one name still clash."""
+    from replora.methods import RepLoRA, option_owners
+
+    class WideRepLoRA(RepLoRA):
+        name = "wide_replora"
+        summary = "RepLoRA, registered again under another name"
+
+    shared = Option("none", "a shared init", ("none", "some"))
+
+    class One(LoRA):
+        name = "one"
+        summary = "s·B A"
+        options = {"shared_init": shared}
+
+    class Two(LoRA):
+        name = "two"
+        summary = "s·B A"
+        options = {"shared_init": shared}
+
+    try:
+        for cls in (WideRepLoRA, One, Two):
+            register_method(cls)
+        config = replora.AdapterConfig(method="wide_replora", replora_activation="gelu")
+        model = replora.inject(BERT.build(), config)
+        assert replora.get_config(model).replora_activation == "gelu"
+        assert option_owners("shared_init") == ("one", "two")
+        assert replora.AdapterConfig(method="two", shared_init="some").shared_init == "some"
+        with pytest.raises(ValueError, match="applies to method 'one' or 'two', not 'lora'"):
+            replora.AdapterConfig(method="lora", shared_init="some")
+
+        class Three(LoRA):
+            name = "three"
+            summary = "s·B A"
+            options = {"shared_init": Option("none", "another option of the same name")}
+
+        with pytest.raises(ValueError, match="option 'shared_init' is already an option of method 'one', as another Option"):
+            register_method(Three)
+    finally:
+        for name in ("wide_replora", "one", "two", "three"):
+            METHODS.pop(name, None)
