@@ -305,3 +305,12 @@ def digits(tmp_path_factory):
     folder = tmp_path_factory.mktemp("digits") / "digits"
     write_digits_folder(folder, n_per_class=12)
     return str(folder)
+
+
+def named(method: str) -> str:
+    """A research run name's start: the method and the tag of its options at today's defaults (RepLoRA's
+    design differs from replora 0.2's, whose runs carry no tag)."""
+    from research.experiments import variant_of
+
+    tag = variant_of(method, {})
+    return f"{method}-{tag}" if tag else method

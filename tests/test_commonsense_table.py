@@ -13,6 +13,8 @@ from replora.training.commonsense import TASKS
 from replora.training.evaluation import scored_items
 from replora.training.settings import EvalSettings
 from research.cli import main
+
+from conftest import named
 from research.commonsense_table import CommonsenseGrid, _claim_2_reading, _references
 
 
@@ -25,13 +27,15 @@ def test_the_commonsense_table_trains_scores_and_resumes(tmp_path, tiny_lm_folde
     assert main(args) == 0
     runs = root / "runs"
     names = sorted(p.name for p in runs.iterdir())
-    steps = {s: json.loads((runs / f"replora-lr0.001-f1-s{s}" / "metrics.json").read_text())["steps"] for s in (0, 1)}
+    rep = named("replora")
+    steps = {s: json.loads((runs / f"{rep}-lr0.001-f1-s{s}" / "metrics.json").read_text())["steps"] for s in (0, 1)}
     # DoRA on all the data only; RepLoRA at 30% also for the steps of its run on all the data (the control).
-    assert names == sorted([f"{m}-lr0.001-f{f}-s{s}" for s in (0, 1) for m, f in
+    assert names == sorted([f"{named(m)}-lr0.001-f{f}-s{s}" for s in (0, 1) for m, f in
                             [("lora", "0.3"), ("replora", "0.3"), ("lora", "1"), ("replora", "1"), ("dora", "1")]]
-                           + [f"replora-steps{steps[s]}-lr0.001-f0.3-s{s}" for s in (0, 1)])
-    control = json.loads((runs / f"replora-steps{steps[0]}-lr0.001-f0.3-s0" / "metrics.json").read_text())
-    short = json.loads((runs / "replora-lr0.001-f0.3-s0" / "metrics.json").read_text())
+                           + [f"{rep.replace('replora', f'replora-steps{steps[s]}')}-lr0.001-f0.3-s{s}" for s in (0, 1)])
+    control = json.loads((runs / f"{rep.replace('replora', f'replora-steps{steps[0]}')}-lr0.001-f0.3-s0" /
+                          "metrics.json").read_text())
+    short = json.loads((runs / f"{rep}-lr0.001-f0.3-s0" / "metrics.json").read_text())
     assert control["steps"] == steps[0] > short["steps"] and control["train_examples"] == short["train_examples"]
     for name in names:  # every run scored both ways, on the same 2 items of each of the eight sets
         for scoring in ("generate", "loglik"):

@@ -17,7 +17,7 @@ from research import bench, cli, experiments, theory
 from research.cli import main
 from research.experiments import claim_2_verdict
 
-from conftest import ENV, sentiment_rows, write_jsonl
+from conftest import ENV, named, sentiment_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,10 +89,10 @@ def test_the_image_grid_runs_references_on_all_the_data_only(tmp_path, vision_fo
     assert main(args) == 0
     root = tmp_path / "img"
     # The adapters at both fractions and both seeds; full fine-tuning and the linear probe at f = 1 only.
-    assert sorted(_stamps(root)) == sorted(f"{m}-lr0.001-f{f}-s{s}" for s in (0, 1) for f, methods in
+    assert sorted(_stamps(root)) == sorted(f"{named(m)}-lr0.001-f{f}-s{s}" for s in (0, 1) for f, methods in
                                            (("0.5", ("lora", "replora")), ("1", ("lora", "replora", "full", "head")))
                                            for m in methods)
-    settings = json.loads((root / "runs" / "replora-lr0.001-f0.5-s1" / "settings.json").read_text())
+    settings = json.loads((root / "runs" / f"{named('replora')}-lr0.001-f0.5-s1" / "settings.json").read_text())
     assert settings["image_size"] == 16 and settings["keep"] == "last"
     assert json.loads((root / "runs" / "head-lr0.001-f1-s0" / "metrics.json").read_text())["trainable_parameters"] < \
         json.loads((root / "runs" / "lora-lr0.001-f1-s0" / "metrics.json").read_text())["trainable_parameters"]
@@ -112,7 +112,7 @@ def test_a_pick_at_the_edge_of_the_rates_tries_the_next_rate_beyond_it_once(tmp_
     validation = {"lora": {1e-3: 0.70, 3e-3: 0.75, 1e-2: 0.72}, "replora": {1e-3: 0.71, 3e-3: 0.20, 3e-4: 0.74}}
 
     def finish(method, lr):
-        run = tmp_path / experiments.run_key(method, lr, 1.0, 0)
+        run = experiments.run_dir(tmp_path, grid, method, lr, 1.0, 0)
         run.mkdir()
         (run / "metrics.json").write_text(json.dumps({"validation_accuracy": validation[method][lr]}))
     for method, lr in [("lora", 1e-3), ("lora", 3e-3), ("replora", 1e-3), ("replora", 3e-3)]:
@@ -120,7 +120,7 @@ def test_a_pick_at_the_edge_of_the_rates_tries_the_next_rate_beyond_it_once(tmp_
     with pytest.raises(experiments.NotFinished, match="lora-lr0.01-f1-s0 has not finished"):
         experiments.pick_lrs(tmp_path, grid)  # LoRA's best, 3e-3, is its top rate: 1e-2 is tried next
     finish("lora", 1e-2)
-    with pytest.raises(experiments.NotFinished, match="replora-lr0.0003-f1-s0"):
+    with pytest.raises(experiments.NotFinished, match="replora-hidden_init_orthogonal-.*-lr0.0003-f1-s0"):
         experiments.pick_lrs(tmp_path, grid)  # RepLoRA's best is its bottom rate: 3e-4
     finish("replora", 3e-4)
     chosen, tried = experiments.pick_lrs(tmp_path, grid)
