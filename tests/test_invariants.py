@@ -45,7 +45,9 @@ def test_merge_unmerge_unload(tiny, variant):
     plain = replora.unload(model, merge=True)
     torch.testing.assert_close(outputs(plain, inputs), unmerged, **TIGHT)
     assert not any(isinstance(m, AdaptedLayer) for m in plain.modules())
-    assert not hasattr(plain, "replora")
+    # Nothing of replora is left: no state on the root, no shared-module holder, no key beyond the base's.
+    assert not hasattr(plain, replora.model.STATE_ATTR)
+    assert not any(hasattr(m, replora.model.SHARED_ATTR) for m in plain.modules())
     assert set(plain.state_dict()) == set(base_weights)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from .methods import METHODS
 from .methods import method_options as registered_options
+from .methods import option_owners
 
 
 def _help(text: str) -> dict:
@@ -100,7 +101,8 @@ class AdapterConfig:
             if option in own:
                 continue
             if value != spec.default:
-                raise ValueError(f"option {option}={value!r} applies to method '{owner}', not '{self.method}': "
+                owners = " or ".join(f"'{m}'" for m in option_owners(option))
+                raise ValueError(f"option {option}={value!r} applies to method {owners}, not '{self.method}': "
                                  f"remove it or set method='{owner}'")
             del self.method_options[option]  # another method's option at its default: meaningless here
         for option, spec in own.items():

@@ -14,13 +14,13 @@ converter permutes them per head), so B of q_proj / k_proj gets the same row per
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .methods.base import Method
+from .files import write_file
+from .methods import export_form
 from .model import adapted_layers, get_config, require_adapter, saved_modules
 from .version import __version__
 
@@ -63,13 +63,12 @@ def gguf_tensors(model: nn.Module, adapter_name: str | None = None, dtype: torch
     if dtype not in DTYPES:
         raise ValueError(f"export_gguf writes float32 or float16 tensors, got dtype={dtype}")
     layers = {p: layer for p, layer in adapted_layers(model).items() if name in layer.lora}
-    for layer in layers.values():
-        adapter = layer.lora[name]
-        if type(adapter).forward is not Method.forward or type(adapter).fold is not Method.fold:
-            raise ValueError(f"a {config.method} adapter cannot be written as a llama.cpp LoRA adapter: its update is "
-                             "not a low-rank B A (DoRA rescales each output row of W0 + s B A by a learned "
-                             "magnitude over its norm) and llama.cpp's adapter GGUF holds only LoRA factors; "
-                             f"{MERGE_HINT}, or train with method lora, moslora or replora")
+    if export_form(config.method) != "lora":
+        why = ("DoRA rescales each output row of W0 + s B A by a learned magnitude over its norm"
+               if export_form(config.method) == "dora" else f"method {config.method!r} states exports_as = None")
+        raise ValueError(f"a {config.method} adapter cannot be written as a llama.cpp LoRA adapter: its update is "
+                         f"not a low-rank B A ({why}) and llama.cpp's adapter GGUF holds only LoRA factors; "
+                         f"{MERGE_HINT}, or train with method lora, moslora or replora")
     saved = [p for p, m in saved_modules(model).items() if name in m.copies]
     if saved:
         raise ValueError(f"adapter {name!r} trains whole modules (modules_to_save: {', '.join(saved[:3])}), which a "
@@ -119,9 +118,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
     if path.is_dir():
         raise ValueError(f"cannot write the GGUF adapter to {path}: it is a folder; give a file path such as "
                          f"{path / 'adapter.gguf'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"  # opened as usual: umask applies
-    try:
+
+    def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(tmp, ARCHITECTURE)
         writer.add_type("adapter")  # general.type
         writer.add_string("adapter.type", "lora")
@@ -134,10 +132,5 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_file(path, write)

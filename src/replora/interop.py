@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .layer import AdaptedLayer
+from .methods import export_form
 from .model import adaptable_layers, adapted_layers, get_config, require_adapter, saved_modules, shared_modules
 from .saving import (CONFIG_NAME, base_model_name, load_tensors, read_adapter_files, task_type, write_adapter_folder,
                      write_folder)
@@ -46,6 +47,11 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
     `peft.PeftModel.from_pretrained(base_model, path)` loads with no missing or unexpected keys."""
     name = require_adapter(model, adapter_name)
     config = get_config(model, name)
+    form = export_form(config.method)
+    if form is None:
+        raise ValueError(f"method {config.method!r} states that its adapters are neither LoRA nor DoRA factors "
+                         "(exports_as = None), so PEFT cannot load them as they compute; save it with "
+                         "replora.save_adapter, or merge it (replora.save_merged)")
     layers = {p: layer for p, layer in adapted_layers(model).items() if name in layer.lora}
     kinds = {layer.fan_in_fan_out for layer in layers.values() if layer.kind in ("linear", "conv1d")}
     if len(kinds) > 1:
@@ -66,7 +72,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
     with torch.no_grad():
         for p, layer in layers.items():
             adapter = layer.lora[name]
-            tensors.update({f"{PEFT_PREFIX}{p}.{key}": t for key, t in _peft_tensors(layer, adapter).items()})
+            tensors.update({f"{PEFT_PREFIX}{p}.{key}": t for key, t in _peft_tensors(layer, adapter, form).items()})
         saved = {p: m.copies[name] for p, m in saved_modules(model).items() if name in m.copies}
         for p, module in saved.items():
             for pname, param in module.named_parameters():
@@ -74,7 +80,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
     peft_config = {
         "peft_type": "LORA", "task_type": task_type(model), "base_model_name_or_path": base_model_name(model),
         "r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-        "use_rslora": config.use_rslora, "use_dora": any(k.endswith("lora_magnitude_vector") for k in tensors),
+        "use_rslora": config.use_rslora, "use_dora": form == "dora",
         "target_modules": _shortest_suffixes(model, list(layers)), "fan_in_fan_out": kinds == {True},
         "modules_to_save": sorted(saved) or None, "bias": "none", "init_lora_weights": True,
         "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
@@ -83,11 +89,12 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
     return write_adapter_folder(path, tensors, peft_config, meta)
 
 
-def _peft_tensors(layer: AdaptedLayer, adapter) -> dict[str, torch.Tensor]:
+def _peft_tensors(layer: AdaptedLayer, adapter, form: str) -> dict[str, torch.Tensor]:
     """One target's tensors in PEFT's names and shapes: a Conv2d's factors are convolution kernels
-    (A: (r, in_channels, kh, kw), B: (out, r, 1, 1)), an Embedding's are lora_embedding_A / _B."""
+    (A: (r, in_channels, kh, kw), B: (out, r, 1, 1)), an Embedding's are lora_embedding_A / _B; a "dora"
+    form adds the magnitude."""
     A, B = adapter.factors()
-    magnitude = getattr(adapter, "lora_magnitude", None)  # DoRA-like: PEFT's use_dora
+    magnitude = adapter.lora_magnitude if form == "dora" else None
     if layer.kind == "embedding":
         tensors = {"lora_embedding_A": A, "lora_embedding_B": B}
     elif layer.kind == "conv2d":

@@ -30,6 +30,8 @@ class AdapterState:
         self.configs: dict[str, AdapterConfig] = {}
         self.active_adapter: str | None = None
         self.requires_grad_before: dict[str, bool] = {}
+        # Per adapter, the parameters its method built frozen (ids): set_adapter keeps them frozen.
+        self.frozen: dict[str, set[int]] = {}
 
 
 class TransformersHooks:
@@ -250,6 +252,9 @@ def _add(model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
         model.requires_grad_(False)
         model.__dict__[STATE_ATTR] = state
     state.configs[adapter_name] = config
+    state.frozen[adapter_name] = {id(p) for module in (*adapters.values(), *(m for parts in shared.values()
+                                                                               for m in parts.values()))
+                                  for p in module.parameters() if not p.requires_grad}
     for path, parts in shared.items():
         holder = model.get_submodule(path)
         if not isinstance(getattr(holder, SHARED_ATTR, None), SharedModules):
@@ -272,17 +277,20 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
-    """Make `adapter_name` the one that runs, trains, merges, saves and exports; the others are frozen."""
+    """Make `adapter_name` the one that runs, trains, merges, saves and exports; the others are frozen, and so
+    are the parameters its method built frozen."""
     name = require_adapter(model, adapter_name)
     state = _require_state(model)
     state.active_adapter = name
+    frozen = state.frozen.get(name, set())
+    modules = [(other, module) for wrapper in adapted_layers(model).values() for other, module in wrapper.lora.items()]
+    modules += [(other, module) for wrapper in saved_modules(model).values() for other, module in wrapper.copies.items()]
+    modules += [(other, module) for holder in shared_modules(model).values() for other, module in holder.items()]
     for wrapper in list(adapted_layers(model).values()) + list(saved_modules(model).values()):
         wrapper.active_adapter = name
-        for other, module in (wrapper.lora if isinstance(wrapper, AdaptedLayer) else wrapper.copies).items():
-            module.requires_grad_(other == name)
-    for holder in shared_modules(model).values():
-        for other, module in holder.items():
-            module.requires_grad_(other == name)
+    for other, module in modules:
+        for param in module.parameters():
+            param.requires_grad_(other == name and id(param) not in frozen)
     return model
 
 
@@ -329,6 +337,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
                 _replace(model, path, module.original_module)
     _remove_shared(model, name)
     del state.configs[name]
+    state.frozen.pop(name, None)
     if state.active_adapter == name:
         set_adapter(model, next(iter(state.configs)))
     return model

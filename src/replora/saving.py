@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import AdapterConfig
+from .files import write_folder  # noqa: F401 - part of this module's API since 0.1
 from .methods import METHODS
 from .model import (adapted_layers, adapter_state, add_adapter, delete_adapter, get_config, inject, require_adapter,
                     saved_modules, shared_modules, unload)
@@ -34,48 +34,30 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
+def _state(module: nn.Module):
+    """(name, tensor) of a module's parameters and persistent buffers: what a method keeps is saved."""
+    yield from module.named_parameters()
+    for name, buffer in module.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        if leaf not in module.get_submodule(owner)._non_persistent_buffers_set:
+            yield name, buffer
+
+
 def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-    """The adapter's tensors (and its modules_to_save), keyed as in the saved file."""
+    """The adapter's tensors (parameters and persistent buffers, and its modules_to_save), keyed as in the
+    saved file."""
     name = require_adapter(model, adapter_name)
     tensors = {}
     for path, layer in adapted_layers(model).items():
         if name in layer.lora:
-            for pname, param in layer.lora[name].named_parameters():
-                tensors[f"{path}.{pname}"] = param
+            tensors.update({f"{path}.{key}": t for key, t in _state(layer.lora[name])})
     for path, holder in shared_modules(model).items():
         if name in holder:
-            for pname, param in holder[name].named_parameters():
-                tensors[f"{path}.lora_shared.{pname}".lstrip(".")] = param
+            tensors.update({f"{path}.lora_shared.{key}".lstrip("."): t for key, t in _state(holder[name])})
     for path, module in saved_modules(model).items():
         if name in module.copies:
-            for pname, param in module.copies[name].named_parameters():
-                tensors[f"{path}.{pname}"] = param
+            tensors.update({f"{path}.{key}": t for key, t in _state(module.copies[name])})
     return tensors
-
-
-def write_folder(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Let `write` fill a temporary folder beside `path`, then publish it: a new folder appears whole or
-    not at all; in an existing folder each file written is replaced atomically and others are left alone."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"cannot save to {path}: it exists and is not a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp-") as tmp:
-        tmp = Path(tmp)
-        write(tmp)
-        files = sorted(f for f in tmp.rglob("*") if f.is_file())
-        for f in files:
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if not path.exists():
-            os.rename(tmp, path)  # the folder appears complete, in one step
-            os.makedirs(tmp)  # left for the context manager to remove
-        else:
-            for f in files:
-                dest = path / f.relative_to(tmp)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(f, dest)
-    return path
 
 
 def write_adapter_folder(path, tensors: dict[str, torch.Tensor], config: dict, metadata: dict) -> Path:

@@ -7,6 +7,9 @@ A method is one subclass of `Method`, registered under its name (methods/__init_
   build()            its adapters for all targets at once (RepLoRA needs them together);
 and, for DoRA-like methods, its own forward rule (`forward`) and merge rule (`fold`, `merge`, `unmerge`).
 The adapted layer (layer.py) calls these; it never asks which method it holds.
+
+What a trained adapter *is* in the standard formats is stated, not guessed: `exports_as` (below). A
+method that keeps LoRA's rules inherits "lora"; one that overrides a rule must say what it exports as.
 """
 from __future__ import annotations
 
@@ -58,6 +61,22 @@ class Method(nn.Module):
     name: ClassVar[str]
     summary: ClassVar[str]  # the update it makes, for help texts
     options: ClassVar[dict[str, Option]] = {}
+    # What a trained adapter is in standard formats, read by every exporter through `export_form`:
+    #   "lora"  plain factors (A, B): PEFT LoRA and llama.cpp's GGUF adapters carry it exactly;
+    #   "dora"  the factors and a magnitude `lora_magnitude` (DoRA's rule): PEFT carries it (use_dora);
+    #   None    neither: export_peft and export_gguf refuse it (save_adapter and save_merged still work).
+    exports_as: ClassVar[str | None] = "lora"
+    RULES: ClassVar[tuple[str, ...]] = ("forward", "update", "delta_weight", "fold", "merge", "unmerge")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        overridden = [rule for rule in Method.RULES if rule in cls.__dict__]
+        if overridden and "exports_as" not in cls.__dict__:
+            raise TypeError(f"{cls.__name__} overrides {', '.join(overridden)}, so its adapters may not be plain LoRA "
+                            "factors: state what they export as, exports_as = 'lora', 'dora' or None (exporters "
+                            "refuse None)")
+        if cls.__dict__.get("exports_as", "lora") not in ("lora", "dora", None):
+            raise TypeError(f"{cls.__name__}.exports_as must be 'lora', 'dora' or None, got {cls.exports_as!r}")
 
     def __init__(self, config: AdapterConfig):
         super().__init__()

@@ -10,6 +10,7 @@ from .lora import LoRA
 class DoRA(LoRA):
     name = "dora"
     summary = "m ⊙ (W0 + s·B A) / ‖W0 + s·B A‖"
+    exports_as = "dora"  # PEFT's use_dora: the factors and lora_magnitude; not a llama.cpp LoRA adapter
 
     def __init__(self, config, layer):
         super().__init__(config, layer)

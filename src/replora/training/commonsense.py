@@ -19,6 +19,7 @@ from collections import Counter, defaultdict
 from functools import lru_cache
 from pathlib import Path
 
+from ..files import write_text
 from .tasks import SPLIT_SEED, TaskData
 from .pretrained import cache_dir
 
@@ -111,10 +112,7 @@ def _items(task: str, split: str) -> tuple[dict, ...]:
             pass  # a damaged cache file: parse again and replace it
     items = _parse(task, path)
     try:  # a cache that cannot be written only costs time
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps([{**item, "choices": list(item["choices"])} for item in items]))
-        os.replace(tmp, cached)
+        write_text(cached, json.dumps([{**item, "choices": list(item["choices"])} for item in items]))
     except OSError:
         pass
     return items

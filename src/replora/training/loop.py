@@ -24,6 +24,7 @@ from torch import nn
 from safetensors.torch import load_file, save_file
 
 from ..model import count_parameters, inject
+from ..files import write_text
 from ..saving import WEIGHTS_NAME, load_adapter, write_adapter, write_folder
 from . import generative
 from .distributed import (adapter_tensors, is_sharded, load_adapter_tensors, load_optimizer_state, make_accelerator,
@@ -289,9 +290,7 @@ def _load_checkpoint(folder: Path, model, scheduler) -> tuple[dict, dict]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 # Settings a run folder's settings.json may lack (written before they existed), with the values that
@@ -596,9 +595,7 @@ def train(settings: TrainSettings, on_step: Callable[[nn.Module, int], None] | N
                 _save_checkpoint(checkpoints / name, accelerator.unwrap_model(model), contents, scheduler, state)
                 latest = checkpoints / "latest"
                 previous = latest.read_text().strip() if latest.is_file() else None
-                tmp = checkpoints / ".latest.tmp"
-                tmp.write_text(name)
-                os.replace(tmp, latest)  # the new checkpoint counts only once it is whole
+                write_text(latest, name)  # the new checkpoint counts only once it is whole
                 if previous and previous != name:
                     shutil.rmtree(checkpoints / previous, ignore_errors=True)
                 keeper.prune(state["best"]["folder"] if state["best"] else None)

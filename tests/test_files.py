@@ -1,0 +1,35 @@
+"""files.py: the one atomic writer every file replora writes goes through."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from replora.files import write_file, write_text
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = write_text(tmp_path / "metrics.json", "old")
+
+    def broken(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_file(target, broken)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+    assert write_text(target, "new").read_text() == "new"
+
+
+def test_new_files_get_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = write_text(tmp_path / "sub" / "a.txt", "x")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600: others read the adapter too
+
+
+def test_a_folder_is_not_overwritten_as_a_file(tmp_path):
+    with pytest.raises(IsADirectoryError, match="it is a folder"):
+        write_text(tmp_path, "x")
