@@ -1,4 +1,5 @@
-"""The `replora` command line: `replora train`, `replora demo`, `replora summary`. Every flag of
+"""The `replora` command line: `replora train`, `replora eval`, `replora export-gguf`, `replora summary`,
+`replora demo`. Every flag of
 `replora train` is made from a field of TrainSettings or AdapterConfig, or from a method's options
 (settings.py): its help and default live there, once."""
 from __future__ import annotations
