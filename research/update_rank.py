@@ -337,6 +337,10 @@ def screen(root: Path, lrs: tuple[float, ...] = (3e-3,), report_only: bool = Fal
         lines.append(f"| {row['design']} | {row['lr']:g} | {100 * row['validation_accuracy']:.1f} | "
                      f"{row['step_norm_mean']:.4f} | {ratio:.2f} | {row['top_share_end']:.2f} | "
                      f"{row['stable_rank_end']:.1f} | {row['trainable_parameters']:,} |")
+    lines += ["", "The rule for the default (set after the first design's run, before the others'): it stays the first "
+                  "design, the one the probe chose, unless another design is ahead on validation by more than 3 "
+                  "points, about one standard error of a 200-image accuracy; such a design would go to 3 seeds "
+                  "first. One seed cannot rank designs closer than that."]
     report = "\n".join(lines) + "\n"
     if rows:
         publish(root, "screen", rows, report)
