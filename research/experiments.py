@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from replora.methods import METHODS
-from replora.saving import OMITTED_BEFORE, write_folder
+from replora.legacy import OMITTED_BEFORE
+from replora.saving import write_folder
 from replora.training import FULL, TrainSettings, train
 from replora.training.settings import HEAD, NO_ADAPTER
 

@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import AdapterConfig
+from .legacy import OMITTED_BEFORE, format1_names, options_of_layout  # noqa: F401 - OMITTED_BEFORE: 0.3's API
 from .files import write_folder  # noqa: F401 - part of this module's API since 0.1
-from .methods import METHODS
 from .model import (adapted_layers, adapter_state, add_adapter, delete_adapter, get_config, inject, require_adapter,
                     saved_modules, shared_modules, unload)
 from .version import ADAPTER_FORMAT, __version__
@@ -139,17 +139,6 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torc
 # What adapter_config.json records beside the AdapterConfig: where and for what the adapter was made.
 RECORDS = ("replora_version", "base_model_name_or_path", "task_type")
 
-# Options added in a format, with what a file of an older format meant by leaving them out: RepLoRA's
-# generators had biases and nn.Linear's init until format 3 (replora 0.3 changed the defaults).
-OMITTED_BEFORE = {3: {"replora_hidden_init": "uniform", "replora_hidden_bias": "shared", "replora_head_bias": "shared"}}
-
-
-def options_of_layout(method: str, layout: int) -> dict[str, Any]:
-    """The options that files of format `layout` left out and meant, for this method (empty if current)."""
-    owned = METHODS[method].options if method in METHODS else {}
-    return {k: v for fmt, options in OMITTED_BEFORE.items() if layout < fmt for k, v in options.items() if k in owned}
-
-
 def _read(path) -> tuple[AdapterConfig, dict[str, torch.Tensor], int]:
     data, tensors = read_adapter_files(path)
     where = Path(path) / CONFIG_NAME
@@ -198,7 +187,7 @@ def load_tensors(model: nn.Module, config: AdapterConfig, tensors: dict[str, tor
         if layout == 1:
             adapters = {p: layer.lora[adapter_name] for p, layer in adapted_layers(model).items()
                         if adapter_name in layer.lora}
-            old = METHODS[config.method].format1_names(adapters)
+            old = format1_names(config, adapters)
             expected = {old.get(id(param), key): param for key, param in expected.items()}
         check_match(expected, tensors, source, file_keys or {})
     except ValueError:

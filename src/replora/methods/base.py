@@ -100,12 +100,6 @@ class Method(nn.Module):
         """Trainable parameters on targets of these (in, out) shapes, keyed by path."""
         return sum(config.r * (i + o) for i, o in shapes.values())
 
-    @classmethod
-    def format1_names(cls, adapters: dict[str, "Method"]) -> dict[int, str]:
-        """For adapter files of format 1 (replora 0.1): {id(parameter): its name there} for the parameters
-        whose name changed since; every name of LoRA, DoRA and MoSLoRA is unchanged."""
-        return {}
-
     # --- the forward and merge rule: LoRA's, which DoRA-like methods override -----------------------
     def delta_weight(self) -> torch.Tensor:
         """s * B @ A, shaped (out, in) like nn.Linear's weight."""

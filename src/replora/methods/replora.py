@@ -274,17 +274,12 @@ class RepLoRA(Method):
             if generators is None:
                 generators = RepLoRAGenerators(config, widths, in_sizes, out_sizes, **new_like)
             group = RepLoRAGroup(config, generators, widths, owns_generators=not model_shared, **new_like)
-            # Legacy (format 1) names: tensors lived under the model's `replora` child, keyed by group path.
-            group.legacy_name = _key(group_path)
             if calibrate:
                 generators.calibrate_A_heads(group.lora_A_seed)
             if model_shared:
                 if signature not in generators_of:
-                    generators.legacy_name = f"shared{len(generators_of)}"
                     generators_of[signature], first_group[signature] = generators, group
                 sharers[signature].append(group_path)
-            else:
-                generators.legacy_name = group.legacy_name
             home = model.get_submodule(group_path) if group_path not in layers else None
             in_block = home is not None and not isinstance(home, CONTAINERS)
             if in_block:
@@ -299,18 +294,6 @@ class RepLoRA(Method):
                 parts = shared.setdefault(home, {})
                 parts[f"generators{sum(k.startswith('generators') for k in parts) or ''}"] = generators
         return adapters, shared
-
-    @classmethod
-    def format1_names(cls, adapters):
-        # replora 0.1 kept every group and generator pair under the model's `replora` child, by group path.
-        names = {}
-        for adapter in adapters.values():
-            group = adapter.group
-            for seed in ("lora_A_seed", "lora_B_seed"):
-                names[id(getattr(group, seed))] = f"replora.groups.{group.legacy_name}.{seed}"
-            for pname, param in group.generators.named_parameters():
-                names[id(param)] = f"replora.generators.{group.generators.legacy_name}.{pname}"
-        return names
 
     @classmethod
     def parameter_count(cls, config, shapes):
