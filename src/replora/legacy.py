@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .methods import METHODS
-from .methods.replora import _key, block_of
+from .methods.sharing import block_of, group_key
 
 # Options added in a format, with what a file of an older format meant by leaving them out.
 OMITTED_BEFORE = {3: {"replora_hidden_init": "uniform", "replora_hidden_bias": "shared", "replora_head_bias": "shared"}}
@@ -31,7 +31,7 @@ def format1_names(config, adapters: dict) -> dict[int, str]:
     names, shared = {}, {}
     for path, adapter in adapters.items():
         block = block_of(path) if config.replora_sharing != "none" else None
-        group_name = _key(block or path)
+        group_name = group_key(block or path)
         group = adapter.group
         for seed in ("lora_A_seed", "lora_B_seed"):
             names[id(getattr(group, seed))] = f"replora.groups.{group_name}.{seed}"

@@ -14,7 +14,6 @@ common ancestor that is not a container (by the first group when there is none).
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 
 import torch
@@ -22,9 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Method, Option, like, lora_A_init_
-
-CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
+from .sharing import CONTAINERS, common_home, group_key, groups_of
 
 ACTIVATIONS = {"tanh": torch.tanh, "gelu": F.gelu, "relu": F.relu, "identity": lambda z: z}
 
@@ -186,7 +183,7 @@ class RepLoRAGroup(nn.Module):
         A, B = gA.outputs(gA.features(self.lora_A_seed)), gB.outputs(gB.features(self.lora_B_seed))
         return {role: (A[role], B[role].T) for role in A}
 
-    def _state_key(self) -> tuple:
+    def _stategroup_key(self) -> tuple:
         gA, gB = self.generators.lora_A_generator, self.generators.lora_B_generator
         params = (self.lora_A_seed, self.lora_B_seed, *gA.tensors(), *gB.tensors())
         return (torch.is_grad_enabled(), *((p._version, p.data_ptr()) for p in params))
@@ -199,7 +196,7 @@ class RepLoRAGroup(nn.Module):
     def factors(self, role: str) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling():  # no cache state in a graph: see the class docstring
             return self.generate()[role] if torch.is_grad_enabled() else self.generate_role(role)
-        key = self._state_key()
+        key = self._stategroup_key()
         # Without grad the generated factors hold no graph, so they stay valid for as long as no
         # parameter changes (version counters, storage); with grad each forward needs its own graph.
         stale = key != self._cache_key or role not in self._cache
@@ -256,8 +253,8 @@ class RepLoRA(Method):
         generators_of: dict[tuple, RepLoRAGenerators] = {}  # "model" sharing: one pair per block shape
         sharers: dict[tuple, list[str]] = defaultdict(list)  # the blocks each shared pair serves
         first_group: dict[tuple, RepLoRAGroup] = {}
-        for group_path, members in _groups(config, layers).items():
-            group_layers = {_key(role): layers[path] for role, path in members.items()}
+        for group_path, members in groups_of(layers, config.replora_sharing != "none").items():
+            group_layers = {group_key(role): layers[path] for role, path in members.items()}
             if len(group_layers) < len(members):
                 raise ValueError(f"module names under {group_path!r} collide once dots become underscores; "
                                  "use replora_sharing='none' or target these layers in separate adapters")
@@ -285,9 +282,9 @@ class RepLoRA(Method):
             if in_block:
                 shared[group_path] = {"group": group}
             for i, (role, path) in enumerate(members.items()):
-                adapters[path] = cls(config, group, _key(role), owns_group=not in_block and i == 0)
+                adapters[path] = cls(config, group, group_key(role), owns_group=not in_block and i == 0)
         for signature, generators in generators_of.items():
-            home = _common_home(model, sharers[signature])
+            home = common_home(model, sharers[signature])
             if home is None:  # no plain module above all the blocks: the first group holds them
                 first_group[signature].shared_generators = generators
             else:
@@ -299,7 +296,7 @@ class RepLoRA(Method):
     def parameter_count(cls, config, shapes):
         r, h = config.r, config.replora_hidden_size or config.r
         counted, n = set(), 0
-        for group_path, members in _groups(config, shapes).items():
+        for group_path, members in groups_of(shapes, config.replora_sharing != "none").items():
             ins = [shapes[p][0] for p in members.values()]
             outs = [shapes[p][1] for p in members.values()]
             seed_a, seed_b = (r, r) if config.replora_seed == "diagonal" else (max(ins), max(outs))
@@ -314,46 +311,3 @@ class RepLoRA(Method):
             head_bias = {"none": 0, "shared": 1, "per_row": r}[config.replora_head_bias]
             n += sum(w * h + hidden_bias + (h + head_bias) * sum(sizes) for w, sizes in ((seed_a, ins), (seed_b, outs)))
         return n
-
-
-def block_of(path: str) -> str | None:
-    """The block a layer belongs to: the path up to its last numeric component
-    ('encoder.layer.3.attention.self.query' -> 'encoder.layer.3'); None outside any block."""
-    match = re.match(r"^((?:.*\.)?\d+)\.", path)
-    return match.group(1) if match else None
-
-
-def _groups(config: AdapterConfig, paths) -> dict[str, dict[str, str]]:
-    """group path -> {role: target path}: a block's targets together; a target with no block (or with
-    replora_sharing='none') is a group of its own, whose path is its own."""
-    groups: dict[str, dict[str, str]] = defaultdict(dict)
-    for path in paths:
-        block = block_of(path) if config.replora_sharing != "none" else None
-        if block is None:
-            groups[path][path.rsplit(".", 1)[-1]] = path
-        else:
-            groups[block][path[len(block) + 1:]] = path
-    return groups
-
-
-def _key(path: str) -> str:
-    return path.replace(".", "_") or "_"
-
-
-def _common_home(model: nn.Module, paths: list[str]) -> str | None:
-    """The deepest module above all `paths` that is not a container; None if there is none."""
-    parts = [p.split(".") for p in paths]
-    common = []
-    for names in zip(*parts):
-        if len(set(names)) > 1:
-            break
-        common.append(names[0])
-    if len(paths) == 1:
-        common = common[:-1]  # a block shared with nobody: hold its generators above it like the others
-    while True:
-        path = ".".join(common)
-        if not isinstance(model.get_submodule(path), CONTAINERS):
-            return path
-        if not common:
-            return None
-        common.pop()
