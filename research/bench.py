@@ -84,6 +84,8 @@ import replora
 from replora.methods import METHODS
 from replora.saving import write_folder
 
+from .reports import quartiles
+
 REPLORA_METHODS = tuple(METHODS)  # every registered method is benchmarked
 FLOOR = "floor"  # the frozen model's step: a row of every training table
 BASE = "base"  # the bare base model (= merged and unloaded): the floor of inference
@@ -290,23 +292,16 @@ def _paired_rounds(calls: dict, references: dict, floor: str | None, rounds: int
     return timings
 
 
-def _quartiles(values: list[float]) -> dict:
-    if not values:
-        return {"median": None, "q1": None, "q3": None, "rounds": 0}
-    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
-    return {"median": statistics.median(values), "q1": q[0], "q3": q[2], "rounds": len(values)}
-
-
 def _summary(rows: list[list[float]], reference: str, floor: str | None) -> dict:
     """One contender's rounds: its median time, the time ratio to its reference and, with a floor, the
     time above the floor and the overhead ratio (module docstring); the raw rows kept."""
     out = {"reference": reference, "median_s": statistics.median(r[0] for r in rows),
-           "ratio": _quartiles([r[0] / r[1] for r in rows]), "times_s": rows}
+           "ratio": quartiles([r[0] / r[1] for r in rows]), "times_s": rows}
     if len(rows[0]) == 3:
         out["floor"] = floor
-        out["above_floor"] = _quartiles([r[0] / r[2] - 1 for r in rows])
+        out["above_floor"] = quartiles([r[0] / r[2] - 1 for r in rows])
         resolved = [(r[0] - r[2]) / (r[1] - r[2]) for r in rows if r[1] > r[2]]
-        out["overhead_ratio"] = {**_quartiles(resolved), "unresolved": len(rows) - len(resolved)}
+        out["overhead_ratio"] = {**quartiles(resolved), "unresolved": len(rows) - len(resolved)}
     return out
 
 
@@ -315,7 +310,7 @@ def _floor_row(timings: dict, floor: str) -> dict:
     the control's (the reference's) in the control's rounds."""
     times = [r[2] for rows in timings.values() for r in rows if len(r) == 3]
     return {"median_s": statistics.median(times), "reference": CONTROL,
-            "ratio": _quartiles([r[2] / r[1] for r in timings[CONTROL]])}
+            "ratio": quartiles([r[2] / r[1] for r in timings[CONTROL]])}
 
 
 def _calibrate(fn, device, s: BenchSettings) -> int:
@@ -442,7 +437,7 @@ def _infer_block(base, contenders: dict, run, s: BenchSettings, device) -> dict:
     rows = {name: _summary(timings[name], reference, BASE) for name, reference in INFER_REFERENCES.items()}
     base_times = [r[-1] for rows_ in timings.values() for r in rows_]
     rows[BASE] = {"median_s": statistics.median(base_times), "reference": CONTROL,
-                  "ratio": _quartiles([r[2] / r[1] for r in timings[CONTROL]])}
+                  "ratio": quartiles([r[2] / r[1] for r in timings[CONTROL]])}
     return {"rows": rows, "repeat": repeat}
 
 

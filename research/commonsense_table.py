@@ -23,7 +23,7 @@ from replora.training.commonsense import TASKS
 from replora.training.evaluation import evaluate_generative, scored_items
 from replora.training.settings import EvalSettings
 
-from .experiments import (ADAPTER_LRS, Grid, NotFinished, claim_2_verdict, pick_lrs, picks_line, run_dir,
+from .experiments import (ADAPTER_LRS, VERDICTS, Grid, NotFinished, claim_2_outcome, pick_lrs, picks_line, run_dir,
                           run_one)
 from .reports import fmt, mean_std, paired, write_csv
 
@@ -204,11 +204,12 @@ def _report(s, picks, rows, trained, scores, base, references) -> str:
 
 def _claim_2_reading(rep30: list[float], lora100: list[float], lora30: list[float] | None) -> str:
     """The verdict, beside the control a match at 30% needs: LoRA's own loss from 30% of the data."""
-    verdict = claim_2_verdict(rep30, lora100, lora30)
+    outcome = claim_2_outcome(rep30, lora100, lora30)
+    verdict = VERDICTS[outcome]
     if lora30 is None:
         return verdict
     reading = f"LoRA at 30% − LoRA at 100%: {paired(lora30, lora100)}"
-    if verdict == "Not resolvable here.":
+    if outcome == "not_resolvable":
         return (f"Not resolvable here: {reading}; LoRA itself loses no more than its spread over seeds from 30% of "
                 "the data, so a match at 30% cannot show RepLoRA's sample efficiency.")
     return f"{verdict} {reading}."

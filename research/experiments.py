@@ -201,20 +201,28 @@ def _row(m: dict, variant: str = "") -> dict:
             "seconds": round(m["wall_time_seconds"], 1)}
 
 
-def claim_2_verdict(rep30: list[float], lora100: list[float], lora30: list[float] | None = None) -> str:
+# Claim 2's outcomes and how the reports say them.
+VERDICTS = {"held": "Held here.", "not_resolvable": "Not resolvable here.",
+            "within_spread": "Not reached here, by less than the spread over seeds.", "not_held": "Did not hold here."}
+
+
+def claim_2_outcome(rep30: list[float], lora100: list[float], lora30: list[float] | None = None) -> str:
     """'Matches' read as: RepLoRA's mean at 30% is at least LoRA's at 100%; a shortfall smaller than the
     spread of the paired differences is reported as such, not as a match. Given LoRA at 30%, a match where
-    LoRA itself loses no more than its spread from less data cannot show sample efficiency, and says so."""
+    LoRA itself loses no more than its spread from less data cannot show sample efficiency. One of VERDICTS."""
     mean, std = mean_std([x - y for x, y in zip(rep30, lora100)])
     if mean >= 0:
         if lora30 is not None:
             loss, spread = mean_std([x - y for x, y in zip(lora30, lora100)])
             if -loss <= spread:
-                return "Not resolvable here."
-        return "Held here."
-    if -mean <= std:
-        return "Not reached here, by less than the spread over seeds."
-    return "Did not hold here."
+                return "not_resolvable"
+        return "held"
+    return "within_spread" if -mean <= std else "not_held"
+
+
+def claim_2_verdict(rep30: list[float], lora100: list[float], lora30: list[float] | None = None) -> str:
+    """claim_2_outcome, as the reports say it."""
+    return VERDICTS[claim_2_outcome(rep30, lora100, lora30)]
 
 
 def sample_efficiency(grid: Grid, root: Path, runs: Path | None = None, plot: bool = True) -> str:

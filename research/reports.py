@@ -33,3 +33,11 @@ def paired(a: list[float], b: list[float], short: bool = False) -> str:
         return f"{100 * mean:+.1f} ± {100 * std:.1f} ({wins})"
     t = f"t = {mean / (std / math.sqrt(len(diffs))):.2f}" if std > 0 else "t undefined (no spread)"
     return f"{100 * mean:+.1f} ± {100 * std:.1f} pts, {wins} seeds better, {t}"
+
+
+def quartiles(values: list[float]) -> dict:
+    """Median and quartiles of per-round values (the bench's ratios), with the number of rounds."""
+    if not values:
+        return {"median": None, "q1": None, "q3": None, "rounds": 0}
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return {"median": statistics.median(values), "q1": q[0], "q3": q[2], "rounds": len(values)}

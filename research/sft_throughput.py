@@ -39,7 +39,7 @@ import torch
 
 from replora.saving import write_folder
 
-from .bench import _quartiles
+from .reports import quartiles
 
 RESULTS = Path(__file__).parent / "results" / "sft-throughput"
 PACKING = ("bfd", "wrapped")  # TRL's packing strategies: its default, and the one a CPU runs faster (below)
@@ -126,7 +126,7 @@ def measure(c: SFTComparison, log=print) -> dict:
                 f"{got[who]['padding_fraction']:.3f}")
         got["trl-best"] = max((got[f"trl-{p}"] for p in PACKING), key=lambda g: g["tokens_per_second"])
         rounds.append(got)
-    ratios = {t: _quartiles([g["replora"]["tokens_per_second"] / g[t]["tokens_per_second"] for g in rounds])
+    ratios = {t: quartiles([g["replora"]["tokens_per_second"] / g[t]["tokens_per_second"] for g in rounds])
               for t in [f"trl-{p}" for p in PACKING] + ["trl-best"]}
     import trl
 

@@ -34,7 +34,7 @@ from replora.model import adapted_layers
 from replora.training import train
 
 from .experiments import GRIDS, Grid, LEGACY_REPLORA, NotFinished, run_dir, run_one
-from .reports import write_csv
+from .reports import quartiles, write_csv
 
 # RepLoRA's generator designs, each spelled out in full (so a run's name and meaning do not move with the
 # library's defaults) and listed in the order the screen trains them: the contenders for the default first.
@@ -389,7 +389,7 @@ def cost(root: Path, models: tuple[str, ...] = ("minilm", "smollm2"), batch: tup
                     step()
             ops[label] = sum(e.count for e in prof.key_averages()) / profile_steps
         for label, reference in references.items():
-            ratio = bench._quartiles([t[0] / t[1] for t in timings[label]])
+            ratio = quartiles([t[0] / t[1] for t in timings[label]])
             rows.append({"model": name, "contender": label, "reference": reference, "ratio_median": ratio["median"],
                          "ratio_q1": ratio["q1"], "ratio_q3": ratio["q3"], "ops_per_step": ops[label],
                          "trainable": sum(p.numel() for p in steps[label].params)})
