@@ -72,12 +72,12 @@ def replora_run(c: SFTComparison, steps: int) -> dict:
 def trl_rows(c: SFTComparison) -> list[dict]:
     """The same training items replora trains on, as TRL's prompt / completion rows."""
     from replora.training import TrainSettings
-    from replora.training.data import load_task
-    from replora.training.loop import _training_examples
+    from replora.training.data import load_task, training_examples
 
     settings = TrainSettings(task="sft", dataset="commonsense", max_train_examples=c.items, seed=c.seed)
     return [{"prompt": e["prompt"], "completion": e["response"]}
-            for e in _training_examples(load_task("commonsense"), settings)]
+            for e in training_examples(load_task("commonsense").train, settings.max_train_examples, settings.fraction,
+                                          settings.seed)]
 
 
 def trl_run(c: SFTComparison, rows: list[dict], steps: int, packing: str) -> dict:

@@ -258,6 +258,14 @@ def capped(examples: list[dict], n: int | None) -> list[dict]:
     return examples if n is None or n >= len(examples) else stratified_fraction(examples, n / len(examples), SPLIT_SEED)
 
 
+def training_examples(examples: list[dict], max_examples: int | None, fraction: float, seed: int) -> list[dict]:
+    """A run's training set: the cap (the same stratified subset for every seed and fraction), then its
+    fraction, drawn with its seed."""
+    if max_examples and max_examples < len(examples):
+        examples = stratified_fraction(examples, max_examples / len(examples), SPLIT_SEED)
+    return stratified_fraction(examples, fraction, seed)
+
+
 def stratified_fraction(examples: list[dict], fraction: float, seed: int) -> list[dict]:
     """A seeded subset with each stratum's share kept (at least one example each), in the original order.
     Strata: the task of a mixed dataset (commonsense), else the label; generative rows have one stratum."""

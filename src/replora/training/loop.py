@@ -29,7 +29,7 @@ from ..saving import WEIGHTS_NAME, load_adapter, write_adapter, write_folder
 from . import generative
 from .distributed import (adapter_tensors, is_sharded, load_adapter_tensors, load_optimizer_state, make_accelerator,
                           optimizer_state, without_repeats)
-from .data import SPLIT_SEED, TaskData, capped, load_task, stratified_fraction
+from .data import TaskData, capped, load_task, training_examples
 from .images import open_image
 from .pretrained import head_name, load_causal_lm, load_model
 from .vision_models import load_image_classifier
@@ -41,14 +41,6 @@ log = logging.getLogger("replora.training")
 
 class TrainingDiverged(RuntimeError):
     pass
-
-
-def _training_examples(task: TaskData, s: TrainSettings) -> list[dict]:
-    examples = task.train
-    if s.max_train_examples and s.max_train_examples < len(examples):
-        # The cap is the same training set for every seed and fraction (a fixed stratified subset).
-        examples = stratified_fraction(examples, s.max_train_examples / len(examples), SPLIT_SEED)
-    return stratified_fraction(examples, s.fraction, s.seed)
 
 
 class Collator:
@@ -428,7 +420,7 @@ def train(settings: TrainSettings, on_step: Callable[[nn.Module, int], None] | N
     out = s.output_dir()
     saved = _saved_settings(s, out)
     s = _as_begun(s, saved)
-    train_examples = _training_examples(task, s)
+    train_examples = training_examples(task.train, s.max_train_examples, s.fraction, s.seed)
     steps_per_epoch = math.ceil(math.ceil(len(train_examples) / s.batch_size) / s.grad_accum)
     if s.max_steps is None:  # the budget in passes, resolved and recorded: 2, or more for small data
         s = dataclasses.replace(s, epochs=s.planned_epochs(steps_per_epoch))
