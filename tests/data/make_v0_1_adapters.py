@@ -21,13 +21,19 @@ CASES = {  # name: (tiny model, method variant)
     "gpt2-replora-nosharing": ("gpt2", "replora-nosharing"), "llama-replora-fullseed": ("llama", "replora-relu-fullseed"),
 }
 
-if __name__ == "__main__":
-    assert replora.__version__ == "0.1.0", replora.__version__
-    root = Path(__file__).parent / "v0.1"
-    for name, (model_name, variant) in CASES.items():
+
+
+def write_fixtures(root: Path, cases: dict) -> None:
+    """Each case trained a few steps with the installed replora, saved, with its inputs and outputs."""
+    for name, (model_name, variant) in cases.items():
         tiny = TINY_MODELS[model_name]
         model = train_steps(replora.inject(tiny.build(), make_config(tiny, variant, lora_dropout=0.0)), tiny)
         replora.save_adapter(model, root / name)
         inputs = tiny.inputs()
         save_file({**inputs, "logits": outputs(model, inputs)}, root / name / "expected.safetensors")
         print(name, "written")
+
+
+if __name__ == "__main__":
+    assert replora.__version__ == "0.1.0", replora.__version__
+    write_fixtures(Path(__file__).parent / "v0.1", CASES)
