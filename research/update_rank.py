@@ -294,7 +294,8 @@ def _plot(curves: dict, path: Path) -> None:
         axes[1][col].axhline(1 / 8, color="gray", linestyle=":", linewidth=1)
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
+    for ax in axes[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
