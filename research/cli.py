@@ -40,21 +40,22 @@ def parse_lrs(values: list[str], methods: tuple[str, ...], defaults: dict) -> di
 def parse_options(values: list[str], options: dict[str, dict]) -> dict[str, dict]:
     """`--option replora_head_bias=shared`: an adapter option for the method that owns it (its runs are named
     by it), on top of the grid's options."""
-    from replora.methods import method_options
+    from replora.methods import method_options, option_owners
 
+    known = method_options()
     out = {m: dict(o) for m, o in options.items()}
     for value in values:
         key, sep, text = value.partition("=")
-        if not sep or key not in method_options():
-            raise ValueError(f"--option {value!r}: give a method option as name=value, one of "
-                             f"{', '.join(method_options())}")
-        method, spec = method_options()[key]
+        if not sep or key not in known:
+            raise ValueError(f"--option {value!r}: give a method option as name=value, one of {', '.join(known)}")
+        spec = known[key][1]
         try:
             parsed = spec.type(text) if spec.type is not str else text
         except ValueError:
             raise ValueError(f"--option {value!r}: {key} takes a {spec.type.__name__}") from None
         spec.check(key, parsed)
-        out.setdefault(method, {})[key] = parsed
+        for method in option_owners(key):  # an option several methods share applies to each
+            out.setdefault(method, {})[key] = parsed
     return out
 
 
@@ -334,8 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--parts", nargs="+", choices=("probe", "screen", "trajectory", "cost"),
                       default=["probe", "screen", "trajectory"], help="what to run (default probe, screen, "
                       "trajectory; cost: a training step against 0.2's design, side by side, wants an idle machine)")
-    rank.add_argument("--output", help="results folder (default research/results/update-rank; the runs go to the "
-                                       "grids' runs folders beside it)")
+    rank.add_argument("--output", help="results folder (default research/results/update-rank; its runs go to its "
+                                       "runs/ (image) and runs-text/ folders)")
     rank.add_argument("--report-only", action="store_true", help="read finished runs only: train nothing")
     rank.add_argument("--protocols", nargs="+", choices=("image", "text"), default=["image", "text"],
                       help="the protocols whose trajectory runs may train (default both; the others are read)")

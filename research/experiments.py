@@ -123,11 +123,15 @@ def variant_of(method: str, options: dict) -> str:
     return "-".join(f"{k.split('_', 1)[1]}_{v}" for k, v in chosen.items() if then[k] != v)
 
 
+def run_options(grid: Grid, method: str, adapter_extra: dict | None = None) -> dict:
+    """A run's adapter options beyond the grid's adapter: the grid's for the method, then `adapter_extra`."""
+    return {**grid.options.get(method, {}), **(adapter_extra or {})}
+
+
 def run_dir(runs: Path, grid: Grid, method: str, lr: float, fraction: float, seed: int,
             adapter_extra: dict | None = None, variant: str = "") -> Path:
     """The run's folder: its name says the method's options (variant_of), after any other `variant` tag."""
-    options = {**grid.options.get(method, {}), **(adapter_extra or {})}
-    tag = "-".join(t for t in (variant, variant_of(method, options)) if t)
+    tag = "-".join(t for t in (variant, variant_of(method, run_options(grid, method, adapter_extra))) if t)
     return runs / run_key(method, lr, fraction, seed, tag)
 
 
@@ -141,8 +145,7 @@ def run_one(runs: Path, grid: Grid, method: str, lr: float, fraction: float, see
         return json.loads((out / "metrics.json").read_text())
     if grid.report_only:
         raise NotFinished(f"{out} has not finished")
-    options = {**grid.options.get(method, {}), **(adapter_extra or {})}
-    adapter = {} if method in NO_ADAPTER else {**grid.adapter, **options}
+    adapter = {} if method in NO_ADAPTER else {**grid.adapter, **run_options(grid, method, adapter_extra)}
     settings = TrainSettings(model=grid.model, dataset=grid.dataset, method=method, fraction=fraction, seed=seed,
                              lr=lr, epochs=grid.epochs, max_train_examples=grid.max_train_examples,
                              max_eval_examples=grid.max_eval_examples, max_length=grid.max_length,

@@ -31,7 +31,6 @@ from torch import nn
 
 import replora
 from replora.model import adapted_layers
-from replora.training import train
 
 from .experiments import GRIDS, Grid, LEGACY_REPLORA, NotFinished, run_dir, run_one
 from .reports import quartiles, write_csv
@@ -218,10 +217,9 @@ def read_trajectory(run: Path) -> list[dict]:
 def traced_run(runs: Path, grid: Grid, method: str, lr: float, options: dict | None = None, seed: int = 0,
                fraction: float = 1.0) -> tuple[dict, list[dict]]:
     """One run of the grid (named as the grid names it), recording its trajectory; a finished run is read.
-    A run finished without a trajectory (trained before this diagnostic) gets none: say so, do not retrain."""
+    A run finished without a trajectory (trained before this diagnostic) gets an empty one, and is not
+    trained again."""
     out = run_dir(runs, grid, method, lr, fraction, seed, options)
-    if not (out / "metrics.json").is_file() and not grid.report_only:
-        out.mkdir(parents=True, exist_ok=True)
     metrics = run_one(runs, grid, method, lr, fraction, seed, options, on_step=Recorder(out / "update_rank.jsonl"))
     return metrics, read_trajectory(out)
 
@@ -230,7 +228,7 @@ def traced_run(runs: Path, grid: Grid, method: str, lr: float, options: dict | N
 PROTOCOLS = {"image": ("dinov2-cifar10", "runs"), "text": ("minilm-rt", "runs-text")}
 
 
-def trajectory_contenders(grid: Grid) -> list[tuple[str, str, float, dict]]:
+def trajectory_contenders() -> list[tuple[str, str, float, dict]]:
     """(name, method, lr, options): LoRA, RepLoRA 0.2 and today's RepLoRA, at 3e-3 then 1e-3."""
     out = []
     for lr in (3e-3, 1e-3):
@@ -245,7 +243,7 @@ def trajectories(root: Path, report_only: bool = False, train: tuple[str, ...] =
     for protocol, (grid_name, folder) in PROTOCOLS.items():
         grid = dataclasses.replace(GRIDS[grid_name], report_only=report_only or protocol not in train)
         runs = root / folder
-        for name, method, lr, options in trajectory_contenders(grid):
+        for name, method, lr, options in trajectory_contenders():
             try:
                 metrics, trajectory = traced_run(runs, grid, method, lr, options)
             except NotFinished:  # (report_only)
@@ -361,7 +359,7 @@ def cost(root: Path, models: tuple[str, ...] = ("minilm", "smollm2"), batch: tup
     from replora.training.pretrained import load_model
     from . import bench
 
-    contenders = {"replora": {}, "replora 0.2": LEGACY_REPLORA}
+    contenders = {"replora": ("replora", {}), "replora 0.2": ("replora", LEGACY_REPLORA), "lora": ("lora", {})}
     references = {"replora": "replora 0.2", "lora": "replora 0.2", "replora 0.2": "replora 0.2"}
     device = torch.device("cpu")
     rows = []
@@ -373,8 +371,7 @@ def cost(root: Path, models: tuple[str, ...] = ("minilm", "smollm2"), batch: tup
         ids = torch.randint(100, 1000, batch, generator=torch.Generator().manual_seed(0))
         data = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         steps = {}
-        for label, (method, options) in {**{k: ("replora", v) for k, v in contenders.items()},
-                                         "lora": ("lora", {})}.items():
+        for label, (method, options) in contenders.items():
             torch.manual_seed(0)
             model = replora.inject(copy.deepcopy(base), replora.AdapterConfig(
                 method=method, r=r, lora_alpha=2 * r, target_modules=targets, **options)).train()

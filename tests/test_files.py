@@ -33,3 +33,15 @@ def test_new_files_get_the_usual_permissions(tmp_path):
 def test_a_folder_is_not_overwritten_as_a_file(tmp_path):
     with pytest.raises(IsADirectoryError, match="it is a folder"):
         write_text(tmp_path, "x")
+
+
+def test_what_a_killed_writer_left_is_removed_and_nothing_else(tmp_path):
+    from replora.files import remove_stale_temporaries
+
+    (tmp_path / ".latest.123-ab12cd34.tmp").write_text("half")  # write_file's
+    (tmp_path / ".epoch-2.tmp-xyz").mkdir()  # write_folder's
+    (tmp_path / ".epoch-2.tmp-xyz" / "adapter_model.safetensors").write_text("half")
+    (tmp_path / "epoch-1").mkdir()
+    write_text(tmp_path / "latest", "epoch-1")
+    remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-1", "latest"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,15 @@ def write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> None:
+    """Remove what write_file and write_folder left in `folder` when a process was killed while writing."""
+    for stale in Path(folder).glob(".*.tmp*"):  # write_file's `.<name>.<pid>-<hex>.tmp`, write_folder's `.<name>.tmp-*`
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -24,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import AdapterConfig
-from .legacy import OMITTED_BEFORE, format1_names, options_of_layout  # noqa: F401 - OMITTED_BEFORE: 0.3's API
+from .legacy import format1_names, options_of_layout
 from .files import write_folder  # noqa: F401 - part of this module's API since 0.1
 from .model import (adapted_layers, adapter_state, add_adapter, delete_adapter, get_config, inject, require_adapter,
                     saved_modules, shared_modules, unload)

@@ -52,4 +52,4 @@ def option_owners(option: str) -> tuple[str, ...]:
 for _method in (LoRA, DoRA, MoSLoRA, RepLoRA):
     register_method(_method)
 
-__all__ = ["METHODS", "Method", "Option", "register_method", "method_options", "export_form", "option_owners", "option_owners", "LoRA", "DoRA", "MoSLoRA", "RepLoRA"]
+__all__ = ["METHODS", "Method", "Option", "register_method", "method_options", "export_form", "option_owners", "LoRA", "DoRA", "MoSLoRA", "RepLoRA"]

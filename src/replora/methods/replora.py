@@ -30,15 +30,16 @@ class Generator(nn.Module):
     """g_theta: an MLP applied to each seed row, with one output head per target role.
 
     The heads are one fused weight (`head`, rows role after role as listed in `head_sizes`): one
-    matmul and two parameter tensors per generator however many targets it serves, which is what
-    keeps RepLoRA's step within a few percent of LoRA's.
+    matmul and one weight per generator however many targets it serves, which is what keeps RepLoRA's
+    step within a few percent of LoRA's.
 
-    Project choice (the paper is silent on init and biases; research/RESULTS.md#reploras-rank-collapse
+    Project choice (the paper is silent on init and biases; research/RESULTS.md, "RepLoRA's rank collapse",
     shows the measurement): by default neither layer has a bias and the hidden layer starts orthogonal,
     so the r seed rows' features start orthonormal (up to sigma's curvature). Then A_t = Z H_t^T and
     B_t = G_t Z_B^T start as LoRA's factors up to a rotation, and an Adam step on a head moves them as
-    much as it moves LoRA's: a bias (one vector added to every row of A_t, every column of B_t) or
-    features that share a bias make the update collapse to rank one and grow 5-8x faster than LoRA's.
+    much as it moves LoRA's. A head bias (one vector added to every row of A_t, every column of B_t)
+    made replora 0.2's update rank one, with Adam steps several times LoRA's; nn.Linear's uniform init
+    of the hidden layer, features far from orthogonal, concentrates it too.
     """
 
     def __init__(self, seed_width: int, hidden: int, activation: str, head_sizes: dict[str, int], rows: int,
@@ -183,7 +184,7 @@ class RepLoRAGroup(nn.Module):
         A, B = gA.outputs(gA.features(self.lora_A_seed)), gB.outputs(gB.features(self.lora_B_seed))
         return {role: (A[role], B[role].T) for role in A}
 
-    def _stategroup_key(self) -> tuple:
+    def _state_key(self) -> tuple:
         gA, gB = self.generators.lora_A_generator, self.generators.lora_B_generator
         params = (self.lora_A_seed, self.lora_B_seed, *gA.tensors(), *gB.tensors())
         return (torch.is_grad_enabled(), *((p._version, p.data_ptr()) for p in params))
@@ -196,7 +197,7 @@ class RepLoRAGroup(nn.Module):
     def factors(self, role: str) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling():  # no cache state in a graph: see the class docstring
             return self.generate()[role] if torch.is_grad_enabled() else self.generate_role(role)
-        key = self._stategroup_key()
+        key = self._state_key()
         # Without grad the generated factors hold no graph, so they stay valid for as long as no
         # parameter changes (version counters, storage); with grad each forward needs its own graph.
         stale = key != self._cache_key or role not in self._cache

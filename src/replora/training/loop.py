@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch import nn
 from safetensors.torch import load_file, save_file
 
 from ..model import count_parameters, inject
-from ..files import write_text
+from ..files import remove_stale_temporaries, write_text
 from ..saving import WEIGHTS_NAME, load_adapter, write_adapter, write_folder
 from . import generative
 from .distributed import (adapter_tensors, is_sharded, load_adapter_tensors, load_optimizer_state, make_accelerator,
@@ -315,8 +314,7 @@ def _prepare_output(s: TrainSettings, out: Path, saved: dict | None) -> Path | N
         if changed:
             raise ValueError(f"--resume with settings that differ from the run in {out}: {', '.join(changed)}; "
                              "resume with the same settings, or start a new run in another --output")
-        for stale in (out / "checkpoints").glob(".*.tmp-*"):  # half-written by a run that was killed
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_stale_temporaries(out / "checkpoints")  # half-written by a run that was killed
         latest = out / "checkpoints" / "latest"
         return out / "checkpoints" / latest.read_text().strip() if latest.is_file() else None
     if out.exists() and any(out.iterdir()):
