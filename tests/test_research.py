@@ -499,3 +499,14 @@ def test_grid_option_flag_is_checked_and_recorded():
         cli.parse_options(["replora_head_bias=sideways"], {})
     with pytest.raises(ValueError, match="give a method option as name=value"):
         cli.parse_options(["head_bias=shared"], {})
+    # An option two methods share (one Option object) is given to both.
+    from replora.methods import LoRA, Option, register_method
+    shared = Option("none", "a shared init", ("none", "some"))
+    one = type("One", (LoRA,), {"name": "one", "summary": "s·B A", "options": {"shared_init": shared}})
+    two = type("Two", (LoRA,), {"name": "two", "summary": "s·B A", "options": {"shared_init": shared}})
+    try:
+        register_method(one), register_method(two)
+        assert cli.parse_options(["shared_init=some"], {}) == {"one": {"shared_init": "some"},
+                                                              "two": {"shared_init": "some"}}
+    finally:
+        METHODS.pop("one", None), METHODS.pop("two", None)
