@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import quantized
 from .config import AdapterConfig
 from .layer import AdaptedLayer
 from .methods import export_form
-from .model import adaptable_layers, adapted_layers, get_config, require_adapter, saved_modules, shared_modules
+from .model import adaptable_layers, adapted_layers, get_config, require_adapter, saved_modules, shared_modules, walk
 from .saving import (CONFIG_NAME, base_model_name, load_tensors, read_adapter_files, task_type, write_adapter_folder,
                      write_folder)
 from .version import __version__
@@ -180,7 +181,8 @@ def _from_peft_key(key: str) -> str:
 
 def merged_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
     """The state dict the plain model would have after unload(merge=True) with this adapter active,
-    computed without changing `model`."""
+    computed without changing `model`. Quantized layers (bitsandbytes) are written as plain ones, dequantized
+    in their compute dtype, and the adapter is merged into the dequantized weights: the model that was trained."""
     name = require_adapter(model, adapter_name)
     layers, saved = adapted_layers(model), saved_modules(model)
     shared = tuple(f"{path}.lora_shared.".lstrip(".") for path in shared_modules(model))
@@ -201,6 +203,9 @@ def merged_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict
             keep = f"copies.{name}." if name in wrapper.copies else "original_module."
         if rest.startswith(keep):
             plain[f"{path}.{rest[len(keep):]}"] = tensor
+    packed = {p: m for p, m in walk(model) if quantized.is_quantized(m)}
+    packed.update({p: layer.base_layer for p, layer in layers.items() if layer.quantized})
+    quantized.dequantized_state_dict(plain, packed)
     for path, layer in layers.items():
         if name in layer.lora and name not in layer.merged_adapters:
             plain[f"{path}.weight"] = layer.merged_weight(name)
@@ -221,11 +226,17 @@ def _owner(key: str, layers: dict, saved: dict):
 def save_merged(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, **kwargs) -> Path:
     """Save the model with an adapter (default: the active one) merged in, as a plain transformers folder
     that `AutoModel...from_pretrained(path)` loads with no replora installed. `model` is not changed.
-    Extra keyword arguments go to `save_pretrained`."""
+    Extra keyword arguments go to `save_pretrained`. A quantized model (bitsandbytes) is written unquantized: the
+    adapter merged into the dequantized weights, in the compute dtype, with no quantization_config."""
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"save_merged needs a transformers model (with save_pretrained), got {type(model).__name__}; "
                         "for a plain PyTorch model use replora.unload(model) and torch / safetensors directly")
     state_dict = merged_state_dict(model, adapter_name)
     # The class's method: the model's own save_pretrained writes the adapter alone (trainer.AdapterSavePretrained).
     save = type(model).save_pretrained
-    return write_folder(path, lambda folder: save(model, folder, state_dict=state_dict, **kwargs))
+
+    def write(folder):
+        with quantized.saved_unquantized(model):  # else transformers saves the quantized state dict instead of ours
+            save(model, folder, state_dict=state_dict, **kwargs)
+
+    return write_folder(path, write)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import quantized
 from .methods import Method
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D, nn.Conv2d, nn.Embedding)
@@ -17,7 +18,10 @@ LINEAR_LAYERS = (nn.Linear, Conv1D)  # what target_modules="all-linear" means
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
-    """Why a layer of a supported type still cannot take an adapter, or None."""
+    """Why a layer (of a supported type, or any the user named) cannot take an adapter, or None."""
+    reason = quantized.refusal(module)  # another library's quantized layer, possibly an nn.Linear subclass
+    if reason:
+        return reason
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         return (f"it is a grouped (depthwise) Conv2d, groups={module.groups}, whose update is not one low-rank "
                 "matrix; target the 1x1 (pointwise) convolutions around it instead")
@@ -30,7 +34,9 @@ class AdaptedLayer(nn.Module):
 
     Every kind is seen as one (out, in) matrix W, so methods only ever produce (A: (r, in), B: (out, r)):
     a Conv2d's in is in_channels * kh * kw (A is a conv with the layer's kernel, stride and padding, B a
-    1x1 conv: PEFT's layout), an Embedding maps a one-hot vocabulary (in) to its dimension (out)."""
+    1x1 conv: PEFT's layout), an Embedding maps a one-hot vocabulary (in) to its dimension (out).
+    A bitsandbytes Linear4bit / Linear8bitLt (an nn.Linear whose weight is packed) is a "linear" kind too: it
+    runs its own forward, and base_weight() dequantizes it (quantized.py)."""
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -38,9 +44,13 @@ class AdaptedLayer(nn.Module):
         self.kind = ("conv1d" if isinstance(base_layer, Conv1D) else "conv2d" if isinstance(base_layer, nn.Conv2d)
                      else "embedding" if isinstance(base_layer, nn.Embedding) else "linear")
         self.fan_in_fan_out = self.kind == "conv1d"
-        rows = base_layer.weight.shape[0]
-        cols = base_layer.weight[0].numel()
-        self.in_features, self.out_features = (cols, rows) if self.kind in ("linear", "conv2d") else (rows, cols)
+        self.quantized = quantized.is_quantized(base_layer)
+        if self.quantized:  # its weight is packed (a 4-bit one is (n, 1) bytes): the layer says its shape
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        else:
+            rows = base_layer.weight.shape[0]
+            cols = base_layer.weight[0].numel()
+            self.in_features, self.out_features = (cols, rows) if self.kind in ("linear", "conv2d") else (rows, cols)
         self.lora = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.merged_adapters: list[str] = []
@@ -55,8 +65,17 @@ class AdaptedLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of W0 as base_weight() gives it, and of new adapter tensors: the weight's own, or a
+        quantized layer's compute dtype."""
+        return quantized.compute_dtype(self.base_layer) if self.quantized else self.base_layer.weight.dtype
+
     def base_weight(self) -> torch.Tensor:
-        """W0 as (out, in), a view of the base layer's weight."""
+        """W0 as (out, in): a view of the base layer's weight, or a quantized layer's weight dequantized (a new
+        tensor in the compute dtype)."""
+        if self.quantized:
+            return quantized.dequantize(self.base_layer)
         w = self.base_layer.weight
         if self.kind == "conv2d":
             return w.flatten(1)
@@ -105,13 +124,13 @@ class AdaptedLayer(nn.Module):
 
     def _exact(self, W: torch.Tensor) -> torch.Tensor:
         """W (out, in) in the precision merges are computed in: float32, or the weight's own if wider (float64)."""
-        return W.to(torch.promote_types(self.weight.dtype, torch.float32))
+        return W.to(torch.promote_types(self.compute_dtype, torch.float32))
 
     def _store(self, W: torch.Tensor) -> torch.Tensor:
-        """W (out, in) back in the base layer's layout and dtype."""
+        """W (out, in) back in the base layer's layout and dtype (a quantized layer's: plain, in its compute dtype)."""
         if self.kind == "conv2d":
             return W.reshape(self.weight.shape).to(self.weight.dtype)
-        return (W.T if self.kind in ("conv1d", "embedding") else W).to(self.weight.dtype)
+        return (W.T if self.kind in ("conv1d", "embedding") else W).to(self.compute_dtype)
 
     @torch.no_grad()
     def merged_weight(self, name: str) -> torch.Tensor:
@@ -124,6 +143,8 @@ class AdaptedLayer(nn.Module):
         name = name or self.active_adapter
         if name in self.merged_adapters or name not in self.lora:
             return
+        if self.quantized:  # refused, not approximated: see quantized.merge_refusal (model.merge names the layers)
+            raise ValueError(quantized.merge_refusal([f"a {type(self.base_layer).__name__}"]))
         self.weight.copy_(self._store(self.lora[name].merge(self._exact(self.base_weight()))))
         self.merged_adapters.append(name)
 

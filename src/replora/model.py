@@ -8,6 +8,7 @@ from typing import Callable
 
 from torch import nn
 
+from . import quantized
 from .config import AdapterConfig
 from .layer import LINEAR_LAYERS, SUPPORTED_LAYERS, AdaptedLayer, SavedModule, SharedModules, unsupported_reason
 from .methods import METHODS
@@ -114,12 +115,15 @@ def find_targets(model: nn.Module, config: AdapterConfig, to_save: dict | None =
     excluded = tuple(n + "." for n in to_save)
     layers = {n: m for n, m in layers.items() if not (n + ".").startswith(excluded)}
     spec = config.target_modules
+    # Quantized layers replora cannot read (another library's) are refused wherever the spec would select them.
+    refused = {n: why for n, m in walk(model) if (why := quantized.refusal(m)) and not (n + ".").startswith(excluded)}
     if spec is None:
         for keys in DEFAULT_TARGETS:
             if all(any(_matches_suffix(n, k) for n in layers) for k in keys):
                 spec = list(keys)
                 break
         else:
+            _refuse_quantized(refused, [k for keys in DEFAULT_TARGETS for k in keys])
             raise ValueError("target_modules=None found no known query/value projection in this model; set "
                              f"target_modules explicitly, e.g. to some of: {_some_names(_suffixes(layers))}")
     if spec == "all-linear":
@@ -142,10 +146,22 @@ def find_targets(model: nn.Module, config: AdapterConfig, to_save: dict | None =
                        f"it names {_kind_name(others[0])} modules; replora adapts {ADAPTABLE}" if others
                        else "it matches no module")
                 raise ValueError(f"target_modules entry {key!r}: {why}. {_adaptable_names(_suffixes(layers))}")
+    _refuse_quantized(refused, spec, model)
     if not hits:
         raise ValueError(f"target_modules {spec!r} matches no adaptable layer ({ADAPTABLE}). "
                          f"{_adaptable_names(layers)}")
     return hits
+
+
+def _refuse_quantized(refused: dict[str, str], spec, model: nn.Module | None = None) -> None:
+    if spec == "all-linear":  # every quantized layer but embeddings would have been a linear target
+        chosen = [n for n in refused if "Embedding" not in type(model.get_submodule(n)).__name__]
+    elif isinstance(spec, str):
+        chosen = [n for n in refused if re.fullmatch(spec, n)]
+    else:
+        chosen = [n for n in refused if any(_matches_suffix(n, k) for k in spec)]
+    if chosen:
+        raise ValueError(f"cannot adapt {chosen[0]!r}: {refused[chosen[0]]}")
 
 
 def _adaptable_names(names) -> str:
@@ -347,9 +363,19 @@ def merge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     """Fold an adapter (default: the active one) into the base weights: inference then costs what the
     base model costs."""
     name = require_adapter(model, adapter_name)
+    _refuse_quantized_merge(model, name, "replora.merge")
     for layer in adapted_layers(model).values():
         layer.merge(name)
     return model
+
+
+def _refuse_quantized_merge(model: nn.Module, name: str, action: str) -> None:
+    """Before any layer changes: merging into a quantized layer is refused (quantized.merge_refusal says why)."""
+    paths = [p for p, layer in adapted_layers(model).items() if layer.quantized and name in layer.lora
+             and name not in layer.merged_adapters]
+    if paths:
+        raise ValueError(f"{action}: {quantized.merge_refusal(paths)}"
+                         + ("; or unload(model, merge=False) for the base model" if action.endswith("unload") else ""))
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -365,6 +391,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     the weights and its trained modules_to_save in place; merge=False: the original base model.
     requires_grad flags are restored to what they were before inject."""
     state = _require_state(model)
+    if merge:
+        _refuse_quantized_merge(model, state.active_adapter, "replora.unload")
     for path, layer in adapted_layers(model).items():
         if merge:
             layer.merge(state.active_adapter)

@@ -50,9 +50,8 @@ def lora_A_init_(A: torch.Tensor) -> torch.Tensor:
 
 
 def like(layer: AdaptedLayer) -> dict:
-    """New adapter tensors take the device and dtype of the layer they adapt."""
-    w = layer.base_layer.weight
-    return {"device": w.device, "dtype": w.dtype}
+    """New adapter tensors take the device and dtype of the layer they adapt (a quantized layer's compute dtype)."""
+    return {"device": layer.base_layer.weight.device, "dtype": layer.compute_dtype}
 
 
 class Method(nn.Module):
