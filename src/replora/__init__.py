@@ -11,6 +11,7 @@ from .interop import export_peft, import_peft, merged_state_dict, save_merged
 from .methods import METHODS, Method, register_method
 from .model import (active_adapter, add_adapter, count_parameters, delete_adapter, disable_adapters, get_config,
                     inject, merge, print_trainable_parameters, set_adapter, unload, unmerge)
+from .quantized import prepare_for_quantized_training
 from .saving import load_adapter, read_adapter, save_adapter
 from . import trainer  # noqa: F401  (imported for its effect: it sets inject's hooks for transformers models)
 from .version import __version__
@@ -28,5 +29,5 @@ def __getattr__(name: str):
 __all__ = ["AdapterConfig", "inject", "merge", "unmerge", "unload", "save_adapter", "load_adapter",
            "read_adapter", "from_pretrained", "count_parameters", "print_trainable_parameters", "get_config",
            "add_adapter", "set_adapter", "active_adapter", "disable_adapters", "delete_adapter", "export_peft",
-           "export_gguf", "import_peft", "save_merged", "merged_state_dict", "METHODS", "Method", "register_method",
+           "export_gguf", "import_peft", "save_merged", "merged_state_dict", "prepare_for_quantized_training", "METHODS", "Method", "register_method",
            "__version__"]
