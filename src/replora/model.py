@@ -257,6 +257,7 @@ def _add(model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
     for path in to_save:
         if path in targets or isinstance(to_save[path], AdaptedLayer):
             raise ValueError(f"module {path!r} is both an adapter target and in modules_to_save; choose one")
+        quantized.refuse_training(path, to_save[path])
     # New modules follow the model's train/eval mode (an eval model must not start using dropout).
     layers = {path: base if isinstance(base, AdaptedLayer) else AdaptedLayer(base).train(base.training)
               for path, base in targets.items()}
@@ -267,6 +268,7 @@ def _add(model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
         state.requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
         model.__dict__[STATE_ATTR] = state
+        quantized.hold_layouts(model)  # bitsandbytes' CPU repacking would stop gradients: see quantized.unpack
     state.configs[adapter_name] = config
     state.frozen[adapter_name] = {id(p) for module in (*adapters.values(), *(m for parts in shared.values()
                                                                                for m in parts.values()))
@@ -404,6 +406,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     for name in state.configs:
         _remove_shared(model, name)
     del model.__dict__[STATE_ATTR]
+    quantized.release_layouts(model)
     TRANSFORMERS_HOOKS.detach(model)  # the class's save_pretrained again
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad_before.get(name, param.requires_grad))

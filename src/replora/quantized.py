@@ -28,7 +28,7 @@ FIX = ("load the base model unquantized, or quantized with bitsandbytes (transfo
 
 
 def _bnb_classes() -> tuple[type, ...]:
-    if "bitsandbytes" not in sys.modules:
+    if sys.modules.get("bitsandbytes") is None:  # never imported (or blocked): no layer of it can exist
         return ()
     import bitsandbytes as bnb
 
@@ -52,6 +52,41 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
+def unpack(module: nn.Module) -> None:
+    """A Linear4bit's weight back in the layout bitsandbytes saves, if it was repacked for its CPU kernel.
+
+    bitsandbytes (on a CPU with AVX512-BF16) repacks a Linear4bit's weight in place at its first forward in eval
+    mode without grad. Its matmul then takes a kernel whose backward gives the input no gradient (so every adapter
+    before it stops learning), and dequantize_4bit cannot read that layout. bitsandbytes' own state_dict undoes
+    the repacking the same way."""
+    state = getattr(module.weight, "quant_state", None)
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+
+
+CPU_PACKING, HELD = "support_avx512bf16_for_cpu", "_replora_held_cpu_packing"
+
+
+def hold_layouts(model: nn.Module) -> None:
+    """While a model is adapted, none of its 4-bit layers (targets or not) is repacked for bitsandbytes' CPU kernel
+    (see unpack): gradients reach every adapter in eval-then-train loops, outputs do not depend on whether the
+    model was evaluated before, and the base weights stay as loaded. unload gives the layers back as they were."""
+    for module in model.modules():
+        if is_quantized(module):
+            unpack(module)
+            if module.__dict__.get(CPU_PACKING):
+                module.__dict__[HELD] = True
+                setattr(module, CPU_PACKING, False)
+
+
+def release_layouts(model: nn.Module) -> None:
+    for module in model.modules():
+        if module.__dict__.pop(HELD, False):
+            setattr(module, CPU_PACKING, True)
+
+
 @torch.no_grad()
 def dequantize(module: nn.Module) -> torch.Tensor:
     """W0 of a quantized layer as an (out, in) tensor in its compute dtype: what the layer's forward multiplies
@@ -62,6 +97,7 @@ def dequantize(module: nn.Module) -> torch.Tensor:
     if weight.is_floating_point():
         return weight.detach().to(compute_dtype(module))
     if isinstance(module, bnb.nn.Linear4bit):
+        unpack(module)
         W = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
     else:
         # Int8 rows with one absmax scale each (SCB), kept on the weight and, once it ran, the layer's state.
@@ -86,6 +122,16 @@ def refusal(module: nn.Module) -> str | None:
     cls = type(module)
     return (f"it is a quantized layer ({cls.__module__}.{cls.__qualname__}) whose weight replora cannot read; "
             f"replora adapts {SUPPORTED}: {FIX}")
+
+
+def refuse_training(path: str, module: nn.Module) -> None:
+    """modules_to_save trains a copy of the module in full: a quantized one has integer weights that cannot."""
+    packed = [type(m).__name__ for m in module.modules() if is_quantized(m) or refusal(m)]
+    if packed:
+        leaf = path.rsplit(".", 1)[-1]
+        raise ValueError(f"modules_to_save entry {path!r} is quantized ({packed[0]}), and quantized weights cannot be "
+                         "trained; load the model with the module left unquantized, e.g. BitsAndBytesConfig(..., "
+                         f"llm_int8_skip_modules=[{leaf!r}]) (it applies to 4-bit loading too)")
 
 
 def merge_refusal(paths: list[str]) -> str:
