@@ -227,3 +227,38 @@ def test_clear_errors(tmp_path):
     (tmp_path / "run" / "settings.json").write_text("{}")
     with pytest.raises(ValueError, match="does not record its base model"):
         replora.from_pretrained(tmp_path / "run")
+
+
+def test_the_core_knows_neither_the_training_app_nor_the_packaged_models():
+    """The library (replora/*.py, methods/) imports nothing from replora.training; replora.from_pretrained is the
+    core's auto.from_pretrained plus the app's run folders and packaged names."""
+    import ast
+
+    core = Path(replora.__file__).parent
+    for source in [*core.glob("*.py"), *(core / "methods").glob("*.py")]:
+        tree = ast.parse(source.read_text())
+        modules = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        app = {m for m in modules if m.split(".")[0] == "training" or ".training" in m}
+        # The exceptions: replora.from_pretrained, imported from the app on first use (never at import), and
+        # `python -m replora`, the app's command line
+        allowed = {"__init__.py": {"training.adapted_model"}, "__main__.py": {"training.cli"}}
+        assert app == (allowed.get(source.name, set()) if source.parent == core else set()), source
+    text = (core / "auto.py").read_text()
+    assert not any(name in text for name in ("minilm", "smollm2", "dinov2", "efficientnet", "EvalSettings"))
+
+
+def test_the_core_loads_an_adapter_folder_and_refuses_a_run_folder_with_the_fix(tmp_path):
+    from replora import auto
+
+    base = BertModel(BertConfig(**BERT))
+    base.save_pretrained(tmp_path / "base")
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=5)
+    perturbed(model, replora.AdapterConfig(method="replora", modules_to_save=["classifier"]))
+    replora.save_adapter(model, tmp_path / "run" / "adapter")
+    (tmp_path / "run" / "settings.json").write_text(json.dumps({"model": str(tmp_path / "base")}))
+    loaded = auto.from_pretrained(tmp_path / "run" / "adapter").eval()
+    ids = torch.tensor([[2, 5, 7, 9]])
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    with pytest.raises(FileNotFoundError, match="is not an adapter folder"):
+        auto.from_pretrained(tmp_path / "run")
+    torch.testing.assert_close(replora.from_pretrained(tmp_path / "run").eval()(ids).logits, model(ids).logits)

@@ -237,19 +237,51 @@ def test_sft_trainer_saves_adapters_and_resumes(tiny_lm_folders, tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "final")
 
 
-def test_inject_reaches_the_trainer_glue_without_an_import_circle():
-    """model.py imports neither saving.py nor trainer.py, which build on it: trainer.py registers inject's and
-    unload's hooks for transformers models when replora is imported."""
+def test_importing_replora_patches_nothing_and_model_py_imports_no_glue_at_the_top():
+    """The Trainer glue is reached only where it acts: inject and unload import trainer.py for transformers models
+    (it builds on saving.py, which builds on model.py); importing replora leaves transformers' Trainer as it is."""
     import ast
+    import subprocess
+    import sys
 
     import replora.model
-    import replora.trainer
 
     tree = ast.parse(Path(replora.model.__file__).read_text())
-    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    top = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    imported = {node.module for node in top if isinstance(node, ast.ImportFrom)}
     assert not imported & {"saving", "trainer", "replora.saving", "replora.trainer"}, imported
-    hooks = replora.model.TRANSFORMERS_HOOKS
-    assert (hooks.prepare, hooks.attach, hooks.detach) == (replora.trainer.patch_trainer,
-                                                           replora.trainer.attach_save_pretrained,
-                                                           replora.trainer.detach_save_pretrained)
+    code = ("import replora, transformers.trainer as t; "
+            "assert not getattr(t.Trainer._load_from_checkpoint, 'replora_patched', False); "
+            "import sys; assert 'replora.trainer' not in sys.modules and 'replora.training' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_patched_trainer_methods_match_the_installed_transformers(tiny_folders):
+    """patch_trainer wraps two private Trainer methods: this fails when a transformers upgrade changes them, and the
+    wrappers keep the originals' names and signatures (Trainer, TRL and users see the same methods)."""
+    import inspect
+
+    from transformers import Trainer
+
+    import replora.trainer
+
+    assert replora.trainer.trainer_api_problem(Trainer) is None
+    replora.inject(BertForSequenceClassification.from_pretrained(tiny_folders["bert"]), replora.AdapterConfig())
+    for name, parameters in replora.trainer.PATCHED_METHODS.items():
+        method = getattr(Trainer, name)
+        assert method.replora_patched and method.__name__ == name
+        assert tuple(inspect.signature(method).parameters) == parameters
+
+
+def test_a_changed_trainer_is_left_alone_with_a_warning():
+    """Where the private methods differ (a future transformers), nothing is patched and the user hears what is
+    lost and what to do instead."""
+    from transformers import Trainer
+
+    import replora.trainer
+
+    class ChangedTrainer(Trainer):
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None, strict=True):
+            pass
+
+    assert "takes (self, resume_from_checkpoint, model, strict)" in replora.trainer.trainer_api_problem(ChangedTrainer)

@@ -1,8 +1,8 @@
 """replora: LoRA, DoRA, MoSLoRA and RepLoRA adapters for any PyTorch / transformers model.
 
 The library is this package's top level: methods/ (one file per method, and their registry), layer.py
-(the adapted layer), model.py (inject, merge, unload...), saving.py, trainer.py (transformers' Trainer and TRL),
-interop.py (PEFT). The fine-tuning pipeline (data, pretrained models, training loop, CLI) is the
+(the adapted layer), model.py (inject, merge, unload...), saving.py, auto.py (a base model and its adapter folder
+in one call), trainer.py (transformers' Trainer and TRL), interop.py (PEFT), gguf.py (llama.cpp). The fine-tuning pipeline (data, pretrained models, training loop, CLI) is the
 `replora.training` subpackage.
 """
 from .config import AdapterConfig
@@ -13,12 +13,12 @@ from .model import (active_adapter, add_adapter, count_parameters, delete_adapte
                     inject, merge, print_trainable_parameters, set_adapter, unload, unmerge)
 from .quantized import prepare_for_quantized_training
 from .saving import load_adapter, read_adapter, save_adapter
-from . import trainer  # noqa: F401  (imported for its effect: it sets inject's hooks for transformers models)
 from .version import __version__
 
 
 def __getattr__(name: str):
-    """replora.from_pretrained, imported on first use: it lives in training/ beside the packaged models it loads."""
+    """replora.from_pretrained, imported on first use: the core's (auto.from_pretrained: adapter folders) with what the
+    training app adds (run folders of `replora train`, packaged model names), which the core does not know."""
     if name == "from_pretrained":
         from .training.adapted_model import from_pretrained
 

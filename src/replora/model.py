@@ -4,7 +4,6 @@ from __future__ import annotations
 import re
 import sys
 from contextlib import contextmanager
-from typing import Callable
 
 from torch import nn
 
@@ -33,28 +32,6 @@ class AdapterState:
         self.requires_grad_before: dict[str, bool] = {}
         # Per adapter, the parameters its method built frozen (ids): set_adapter keeps them frozen.
         self.frozen: dict[str, set[int]] = {}
-
-
-class TransformersHooks:
-    """What inject and unload also do to a transformers model: prepare() before inject touches the model,
-    attach(model) once it is adapted, detach(model) in unload. trainer.py sets them when it is imported (replora's
-    __init__ imports it): Trainer learns to resume from adapter-only checkpoints, and the model's save_pretrained
-    writes the adapter until unload. This module cannot import trainer.py, which builds on saving.py, which
-    builds on this module: so trainer.py registers itself here."""
-
-    def __init__(self):
-        self.prepare: Callable[[], None] = lambda: None
-        self.attach: Callable[[nn.Module], None] = lambda model: None
-        self.detach: Callable[[nn.Module], None] = lambda model: None
-
-
-TRANSFORMERS_HOOKS = TransformersHooks()
-
-
-def set_transformers_hooks(prepare: Callable[[], None], attach: Callable[[nn.Module], None],
-                           detach: Callable[[nn.Module], None]) -> None:
-    """Set what inject and unload also do to a transformers model (see TransformersHooks)."""
-    TRANSFORMERS_HOOKS.prepare, TRANSFORMERS_HOOKS.attach, TRANSFORMERS_HOOKS.detach = prepare, attach, detach
 
 
 def adapter_state(model: nn.Module) -> AdapterState | None:
@@ -222,11 +199,13 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
                          "replora.load_adapter(model, path) to load weights into it")
     transformers_model = _is_transformers_model(model)
     if transformers_model:
-        TRANSFORMERS_HOOKS.prepare()  # Trainer learns to resume from adapter-only checkpoints: see trainer.py
+        from . import trainer  # imported here: trainer.py builds on saving.py, which builds on this module
+
+        trainer.patch_trainer()  # Trainer learns to resume from adapter-only checkpoints
     _add(model, config, adapter_name)
     set_adapter(model, adapter_name)
     if transformers_model:
-        TRANSFORMERS_HOOKS.attach(model)  # until unload, save_pretrained (so Trainer and TRL) writes the adapter
+        trainer.attach_save_pretrained(model)  # until unload, save_pretrained (so Trainer and TRL) writes the adapter
     return model
 
 
@@ -407,7 +386,10 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         _remove_shared(model, name)
     del model.__dict__[STATE_ATTR]
     quantized.release_layouts(model)
-    TRANSFORMERS_HOOKS.detach(model)  # the class's save_pretrained again
+    if _is_transformers_model(model):
+        from .trainer import detach_save_pretrained  # imported here, as in inject
+
+        detach_save_pretrained(model)  # the class's save_pretrained again
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad_before.get(name, param.requires_grad))
     return model

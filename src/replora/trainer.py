@@ -4,28 +4,34 @@ After inject, a transformers model's `save_pretrained` writes what save_adapter 
 so save_model and every checkpoint are adapter-only folders, and Trainer learns to resume from, and load the
 best of, such folders (patch_trainer). unload gives the model its own save_pretrained back.
 
-model.py cannot import this module (it builds on saving.py, which builds on model.py): importing it registers
-what inject and unload do to a transformers model (model.set_transformers_hooks). replora's __init__ imports
-it, so the hooks are in place whenever replora is.
+inject and unload call this module for transformers models only (importing it there: it builds on saving.py,
+which builds on model.py); importing replora changes nothing in transformers. The one patch is patch_trainer's:
+two private Trainer methods, wrapped once per process on the first inject, checked against the installed
+transformers (trainer_api_problem) and left alone, with a warning, where they have changed.
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import os
+import warnings
 import weakref
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .model import active_adapter, adapter_state, set_transformers_hooks
+from .model import active_adapter, adapter_state
 from .saving import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, load_adapter, write_adapter
 
 SAVE_ATTR = "save_pretrained"  # on a transformers model: an AdapterSavePretrained, an attribute of the object
 # What save_pretrained writes for a whole transformers model: a folder with one of these is not adapter-only.
 FULL_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                     "pytorch_model.bin.index.json")
+# The private Trainer methods patch_trainer wraps, with the parameters the wrappers pass on.
+PATCHED_METHODS = {"_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),
+                   "_load_best_model": ("self",)}
 
 
 class AdapterSavePretrained:
@@ -86,13 +92,20 @@ def patch_trainer() -> None:
     other model it looks for full weights (resume stops with "Can't find a checkpoint index", load_best_model_at_end
     with a missing pytorch_model.bin), and it offers no hook to change that. So, once per process, its two
     loading methods are wrapped: for a model with a replora adapter and a folder with an adapter and no full
-    weights, the wrapper calls load_adapter (into the active adapter); in every other case the original runs."""
+    weights, the wrapper calls load_adapter (into the active adapter); in every other case the original runs.
+    Where the installed transformers has other methods, nothing is patched and a warning says what is lost."""
     try:
         trainer = importlib.import_module("transformers.trainer")
     except ImportError:  # no transformers, or Trainer's own dependencies (accelerate) missing: no Trainer to patch
         return
     cls = trainer.Trainer
-    if getattr(cls._load_from_checkpoint, "replora_patched", False):
+    if getattr(getattr(cls, "_load_from_checkpoint", None), "replora_patched", False):
+        return
+    problem = trainer_api_problem(cls)
+    if problem:
+        warnings.warn(f"replora: {problem}; Trainer(resume_from_checkpoint=...) and load_best_model_at_end cannot "
+                      "read replora's adapter-only checkpoints with this transformers: load the checkpoint with "
+                      "replora.load_adapter(model, folder) instead", stacklevel=3)
         return
     resume, load_best = cls._load_from_checkpoint, cls._load_best_model
 
@@ -111,6 +124,18 @@ def patch_trainer() -> None:
     cls._load_from_checkpoint, cls._load_best_model = _load_from_checkpoint, _load_best_model
 
 
+def trainer_api_problem(cls) -> str | None:
+    """What differs between transformers' Trainer and the methods patch_trainer wraps, or None."""
+    for name, parameters in PATCHED_METHODS.items():
+        method = getattr(cls, name, None)
+        if method is None:
+            return f"transformers' Trainer has no method {name}"
+        found = tuple(inspect.signature(method).parameters)
+        if found != parameters:
+            return f"transformers' Trainer.{name} takes ({', '.join(found)}), not ({', '.join(parameters)})"
+    return None
+
+
 def load_checkpoint_adapter(model: nn.Module, folder: str | os.PathLike | None) -> bool:
     """If `model` has a replora adapter and `folder` holds an adapter and no full weights, load the adapter into
     the model's active adapter and return True; otherwise touch nothing and return False."""
@@ -124,5 +149,3 @@ def load_checkpoint_adapter(model: nn.Module, folder: str | os.PathLike | None) 
     load_adapter(model, folder, active_adapter(model))
     return True
 
-
-set_transformers_hooks(prepare=patch_trainer, attach=attach_save_pretrained, detach=detach_save_pretrained)

@@ -110,7 +110,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
     from .evaluation import model_and_adapter
     from .pretrained import load_causal_lm
 
-    model_name, adapter, _ = model_and_adapter(argparse.Namespace(adapter=args.adapter, model=args.model))
+    model_name, adapter, _ = model_and_adapter(args.adapter, args.model)
     model, _ = load_causal_lm(model_name)
     load_adapter(model, adapter)
     print(f"written to {export_gguf(model, args.output, dtype=getattr(torch, args.dtype))}")

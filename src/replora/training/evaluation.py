@@ -27,21 +27,22 @@ from .settings import EvalSettings
 log = logging.getLogger("replora.training")
 
 
-def model_and_adapter(s: EvalSettings) -> tuple[str, Path | None, dict]:
-    """(model, adapter folder or None, the run's settings if `adapter` is a run folder)."""
-    if s.adapter is None:
-        if s.model is None:
+def model_and_adapter(adapter: str | None, model: str | None) -> tuple[str, Path | None, dict]:
+    """(model, adapter folder or None, the run's settings if `adapter` is a run folder): `--adapter` and `--model`
+    resolved, `model` (when given) over what the folder records."""
+    if adapter is None:
+        if model is None:
             raise ValueError("give --adapter (a run folder or an adapter folder) or, for the base model's own row, --model")
-        return s.model, None, {}
-    folder = Path(s.adapter)
+        return model, None, {}
+    folder = Path(adapter)
     if (folder / "settings.json").is_file() and (folder / "adapter").is_dir():
         run = json.loads((folder / "settings.json").read_text())
-        return s.model or run["model"], folder / "adapter", run
+        return model or run["model"], folder / "adapter", run
     if not (folder / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--adapter {folder}: neither a run folder (settings.json and adapter/) nor an adapter "
                                 "folder (adapter_config.json)")
     config = json.loads((folder / "adapter_config.json").read_text())
-    model = s.model or config.get("base_model_name_or_path")
+    model = model or config.get("base_model_name_or_path")
     if not model:
         raise ValueError(f"--adapter {folder} does not say its base model: give --model")
     return model, folder, {}
@@ -68,7 +69,7 @@ def evaluate_generative(s: EvalSettings) -> dict:
     from .commonsense import candidate_responses
 
     s.validate()
-    model_name, adapter, run = model_and_adapter(s)
+    model_name, adapter, run = model_and_adapter(s.adapter, s.model)
     max_length = s.max_length or run.get("max_length", 256)
     groups = scored_items(s)
     if s.scoring == "loglik" and not all("choices" in e for examples in groups.values() for e in examples):

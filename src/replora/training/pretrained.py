@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..auto import pad_with_eos, quiet_loading
 from ..saving import write_folder
 
 BUILTIN_MODELS = ("minilm", "smollm2", "gemma3-270m", "dinov2-small", "efficientnet-lite0")
@@ -125,43 +125,17 @@ def resolve_model(name: str) -> str:
     return name  # a hub id; from_pretrained says if it cannot be fetched
 
 
-@contextmanager
-def loading(name: str):
-    """Around from_pretrained: transformers' progress bars and expected warnings ("newly initialized") off,
-    and a model that cannot be read reported as one line."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    except OSError as e:
-        raise FileNotFoundError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
-
-
-def _pad_with_eos(model, tokenizer) -> None:
-    """Decoders often have no pad token: pad with EOS (a classifier reads the last real token, sft masks
-    padding out of the loss)."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-
-
 def load_model(name: str, num_labels: int):
     """(model, tokenizer): a sequence classifier with `num_labels` outputs (1 = a score per choice)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model(name)
-    with loading(name):
+    with quiet_loading(name):
         tokenizer = AutoTokenizer.from_pretrained(path)
         # A folder saved with another head size gets a fresh head of the task's size (it trains in full).
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
                                                                    ignore_mismatched_sizes=True)
-    _pad_with_eos(model, tokenizer)
+    pad_with_eos(model, tokenizer)
     return model, tokenizer
 
 
@@ -182,12 +156,12 @@ def load_causal_lm(name: str):
     if architectures and not any(a.endswith(GENERATIVE_ARCHITECTURES) for a in architectures):
         raise ValueError(f"--task sft trains a model to write its answers, but {name!r} is a {architectures[0]}, "
                          "not a text generator; use a decoder (causal LM) such as --model smollm2")
-    with loading(name):
+    with quiet_loading(name):
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"model {name!r}: its tokenizer has no end-of-sequence token, which sft appends to answers")
-    _pad_with_eos(model, tokenizer)
+    pad_with_eos(model, tokenizer)
     return model, tokenizer
 
 

