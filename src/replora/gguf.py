@@ -30,6 +30,13 @@ MERGE_HINT = ("merge the adapter (replora.save_merged) and convert the merged fo
               "convert_hf_to_gguf.py")
 
 
+def modules_to_save_refusal(adapter_name: str, modules: list[str]) -> str:
+    """Why an adapter with modules_to_save (a classifier head such as `score`, a trained lm_head) has no GGUF form,
+    and what to do instead; export_gguf and `replora export-gguf` (before it loads any model) say it alike."""
+    return (f"adapter {adapter_name!r} trains whole modules (modules_to_save: {', '.join(modules[:3])}), which GGUF "
+            f"cannot hold: a llama.cpp LoRA adapter carries low-rank factors only; {MERGE_HINT}")
+
+
 def _rotary_rows(rows: int, n_heads: int) -> torch.Tensor:
     """The row order of a q/k projection in a LLaMA GGUF: within each head, rows (j, j + half) become
     neighbours (2j, 2j + 1), for llama.cpp's rotary embedding on neighbouring pairs."""
@@ -71,8 +78,7 @@ def gguf_tensors(model: nn.Module, adapter_name: str | None = None, dtype: torch
                          f"{MERGE_HINT}, or train with method lora, moslora or replora")
     saved = [p for p, m in saved_modules(model).items() if name in m.copies]
     if saved:
-        raise ValueError(f"adapter {name!r} trains whole modules (modules_to_save: {', '.join(saved[:3])}), which a "
-                         f"llama.cpp LoRA adapter cannot carry (it holds low-rank factors only); {MERGE_HINT}")
+        raise ValueError(modules_to_save_refusal(name, saved))
     if not layers:
         raise ValueError(f"adapter {name!r} has no target layers to export")
     names, kinds = _gguf_name_map(hf.num_hidden_layers)

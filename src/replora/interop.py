@@ -223,14 +223,21 @@ def _owner(key: str, layers: dict, saved: dict):
     return None
 
 
-def save_merged(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, **kwargs) -> Path:
+def save_merged(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, tokenizer=None,
+                **kwargs) -> Path:
     """Save the model with an adapter (default: the active one) merged in, as a plain transformers folder
     that `AutoModel...from_pretrained(path)` loads with no replora installed. `model` is not changed.
-    Extra keyword arguments go to `save_pretrained`. A quantized model (bitsandbytes) is written unquantized: the
-    adapter merged into the dequantized weights, in the compute dtype, with no quantization_config."""
+    `tokenizer` (a tokenizer or processor: anything with save_pretrained) is written into the same folder, so
+    `AutoTokenizer.from_pretrained(path)` and pipelines run from the folder alone; without it the folder holds the
+    model only. Extra keyword arguments go to the model's `save_pretrained`. A quantized model (bitsandbytes) is
+    written unquantized: the adapter merged into the dequantized weights, in the compute dtype, with no
+    quantization_config."""
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"save_merged needs a transformers model (with save_pretrained), got {type(model).__name__}; "
                         "for a plain PyTorch model use replora.unload(model) and torch / safetensors directly")
+    if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
+        raise TypeError(f"save_merged(tokenizer=...) takes a tokenizer or processor (with save_pretrained), got "
+                        f"{type(tokenizer).__name__}; load it with AutoTokenizer.from_pretrained(...) first")
     state_dict = merged_state_dict(model, adapter_name)
     # The class's method: the model's own save_pretrained writes the adapter alone (trainer.AdapterSavePretrained).
     save = type(model).save_pretrained
@@ -238,5 +245,7 @@ def save_merged(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
     def write(folder):
         with quantized.saved_unquantized(model):  # else transformers saves the quantized state dict instead of ours
             save(model, folder, state_dict=state_dict, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
 
     return write_folder(path, write)

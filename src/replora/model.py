@@ -314,11 +314,17 @@ def disable_adapters(model: nn.Module):
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
-    """Remove one named adapter; the model keeps the others (use unload to remove the last one)."""
+    """Remove one named adapter; the model keeps the others (use unload to remove the last one). The active adapter
+    is refused: the model would otherwise start running another adapter unasked; set_adapter another one first."""
     name = require_adapter(model, adapter_name)
     state = _require_state(model)
     if len(state.configs) == 1:
         raise ValueError(f"{name!r} is the model's only adapter; call replora.unload(model) to remove it")
+    if state.active_adapter == name:
+        other = next(n for n in state.configs if n != name)
+        raise ValueError(f"adapter {name!r} is the active one: deleting it would leave the model running another "
+                         f"adapter; make the one to run active first (replora.set_adapter(model, {other!r})), then "
+                         "delete it")
     layers = adapted_layers(model)
     if any(name in layer.merged_adapters for layer in layers.values()):
         raise ValueError(f"adapter {name!r} is merged into the base weights; call replora.unmerge(model) first")
@@ -335,8 +341,6 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     _remove_shared(model, name)
     del state.configs[name]
     state.frozen.pop(name, None)
-    if state.active_adapter == name:
-        set_adapter(model, next(iter(state.configs)))
     return model
 
 

@@ -254,16 +254,36 @@ def bigbench(task: str) -> TaskData:
 
 
 def capped(examples: list[dict], n: int | None) -> list[dict]:
-    """At most n examples: a fixed stratified subset, the same for every seed."""
-    return examples if n is None or n >= len(examples) else stratified_fraction(examples, n / len(examples), SPLIT_SEED)
+    """At most n examples (exactly n when there are more): a fixed stratified subset, the same for every seed."""
+    return examples if n is None or n >= len(examples) else stratified_sample(examples, n, SPLIT_SEED)
 
 
 def training_examples(examples: list[dict], max_examples: int | None, fraction: float, seed: int) -> list[dict]:
-    """A run's training set: the cap (the same stratified subset for every seed and fraction), then its
-    fraction, drawn with its seed."""
+    """A run's training set: the cap (exactly max_examples when there are more; the same stratified subset for
+    every seed and fraction), then its fraction, drawn with its seed."""
     if max_examples and max_examples < len(examples):
-        examples = stratified_fraction(examples, max_examples / len(examples), SPLIT_SEED)
+        examples = stratified_sample(examples, max_examples, SPLIT_SEED)
     return stratified_fraction(examples, fraction, seed)
+
+
+def _strata(examples: list[dict]) -> dict:
+    """Positions by stratum: the task of a mixed dataset (commonsense), else the label; generative rows have one."""
+    by_label = defaultdict(list)
+    for i, e in enumerate(examples):
+        by_label[e.get("task", e.get("label", ""))].append(i)
+    return by_label
+
+
+def _draw(examples: list[dict], by_label: dict, quota: dict, seed: int) -> list[dict]:
+    """quota[stratum] examples of each stratum, seeded, in the original order. Each stratum's draw is a prefix of
+    one shuffle, so a larger quota adds examples and never swaps the ones a smaller quota drew."""
+    rng = random.Random(seed)
+    chosen = []
+    for label in sorted(by_label):
+        idx = by_label[label]
+        rng.shuffle(idx)
+        chosen += idx[:quota[label]]
+    return [examples[i] for i in sorted(chosen)]
 
 
 def stratified_fraction(examples: list[dict], fraction: float, seed: int) -> list[dict]:
@@ -273,13 +293,28 @@ def stratified_fraction(examples: list[dict], fraction: float, seed: int) -> lis
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     if fraction == 1:
         return list(examples)
-    by_label = defaultdict(list)
-    for i, e in enumerate(examples):
-        by_label[e.get("task", e.get("label", ""))].append(i)
-    rng = random.Random(seed)
-    chosen = []
-    for label in sorted(by_label):
-        idx = by_label[label]
-        rng.shuffle(idx)
-        chosen += idx[:max(1, round(fraction * len(idx)))]
-    return [examples[i] for i in sorted(chosen)]
+    by_label = _strata(examples)
+    quota = {label: max(1, round(fraction * len(idx))) for label, idx in by_label.items()}
+    return _draw(examples, by_label, quota, seed)
+
+
+def stratified_sample(examples: list[dict], n: int, seed: int) -> list[dict]:
+    """Exactly min(n, len(examples)) examples, seeded and stratified as stratified_fraction(n / len) draws them
+    (each stratum's share rounded, at least one each while n allows), with the rounding's overshoot taken back
+    from (or its shortfall given to) the strata whose rounded share is furthest from their exact one: a cap is
+    never exceeded. Where the rounding adds up to n, the sample is stratified_fraction's."""
+    if n >= len(examples):
+        return list(examples)
+    if n < 1:
+        raise ValueError(f"a cap must be at least 1, got {n}")
+    by_label = _strata(examples)
+    exact = {label: n / len(examples) * len(idx) for label, idx in by_label.items()}  # (as stratified_fraction rounds)
+    floor = 1 if n >= len(by_label) else 0  # fewer examples than strata: not every stratum can have one
+    quota = {label: max(floor, round(share)) for label, share in exact.items()}
+    while sum(quota.values()) > n:
+        label = max((t for t in quota if quota[t] > floor), key=lambda t: (quota[t] - exact[t], str(t)))
+        quota[label] -= 1
+    while sum(quota.values()) < n:
+        label = max((t for t in quota if quota[t] < len(by_label[t])), key=lambda t: (exact[t] - quota[t], str(t)))
+        quota[label] += 1
+    return _draw(examples, by_label, quota, seed)

@@ -225,11 +225,13 @@ def image_folder(path: Path) -> TaskData:
     candidates = [file for classes in given.values() for _, files in classes.values() for file in files]
     unreadable = _unreadable(candidates)
     skipped += [(str(file), why) for file, why in unreadable.items()]
+    notes = []
     if skipped:
-        log.warning("%s: skipped %d file%s that %s not readable images in a class folder: %s%s", where,
-                    len(skipped), "s" if len(skipped) > 1 else "", "are" if len(skipped) > 1 else "is",
-                    "; ".join(f"{p} ({why})" for p, why in skipped[:SHOWN]),
-                    f"; and {len(skipped) - SHOWN} more" if len(skipped) > SHOWN else "")
+        notes.append(f"{where}: skipped {len(skipped)} file{'s' if len(skipped) > 1 else ''} that "
+                     f"{'are' if len(skipped) > 1 else 'is'} not readable images in a class folder: "
+                     + "; ".join(f"{p} ({why})" for p, why in skipped[:SHOWN])
+                     + (f"; and {len(skipped) - SHOWN} more" if len(skipped) > SHOWN else ""))
+        log.warning("%s", notes[-1])
     for classes in given.values():
         for name, (folder, files) in classes.items():
             kept = [f for f in files if f not in unreadable]
@@ -252,7 +254,7 @@ def image_folder(path: Path) -> TaskData:
                              f"{len(wanted) + 1} images to give one to each split); add images or a "
                              f"{'val' if split == 'validation' else split}/ folder")
     return TaskData(path.resolve().name or str(path), "classification", splits["train"], splits["validation"],
-                    splits["test"], names)
+                    splits["test"], names, notes=notes)
 
 
 def _split_class(files: list[Path], name: str, wanted: list[str]) -> dict[str, list[Path]]:

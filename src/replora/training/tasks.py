@@ -17,6 +17,9 @@ class TaskData:
     validation: list[dict]
     test: list[dict]
     label_names: list[str] = field(default_factory=list)
+    # Warnings from reading the data (image files skipped), logged when read and again into the run's log.txt
+    # once the run folder exists (the data is read before it is made).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def num_labels(self) -> int:
