@@ -173,6 +173,8 @@ def test_train_save_reload_export(folders, tmp_path, kind, method, quant):
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
     torch.testing.assert_close(run(peft_model), out, rtol=1e-5, atol=1e-5)
+    imported = replora.import_peft(load(folders[kind], kind, quant), tmp_path / "peft")  # and back
+    torch.testing.assert_close(run(imported), out, rtol=0, atol=0)
 
     if kind == "llama":
         if method == "dora":
@@ -298,6 +300,17 @@ def test_other_quantized_layers_are_refused_by_name(layer, targets):
     with pytest.raises(ValueError, match=rf"'q'.*quantized layer \(.*{layer.__name__}\).*BitsAndBytesConfig"):
         replora.inject(model, replora.AdapterConfig(r=2, target_modules=targets))
     assert replora.model.adapter_state(model) is None and isinstance(model.q, layer)  # untouched
+
+
+def test_quantized_modules_to_save_are_refused_with_the_fix(folders):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AUTO["bert"].from_pretrained(folders["bert"], device_map="cpu",
+                                             quantization_config=BitsAndBytesConfig(**QUANTS["nf4"]))
+    assert isinstance(model.classifier, bnb.nn.Linear4bit)  # transformers quantizes an encoder's head too
+    with pytest.raises(ValueError, match=r"'classifier' is quantized \(Linear4bit\).*llm_int8_skip_modules=\['classifier'\]"):
+        replora.inject(model, config_for("bert", "lora"))
+    assert replora.model.adapter_state(model) is None
 
 
 def test_prepare_for_quantized_training(folders):

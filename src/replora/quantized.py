@@ -5,7 +5,7 @@ replora adapts bitsandbytes' `Linear4bit` (NF4 and FP4, any compute dtype) and `
 frozen, its own forward); the adapter's factors are full-precision tensors in the layer's compute dtype, and
 whatever needs W0 itself (DoRA's row norms, save_merged) reads it dequantized (`dequantize`).
 
-bitsandbytes stays optional: it is never imported here. A bitsandbytes layer can only exist once bitsandbytes
+bitsandbytes stays optional: nothing here imports it first. A bitsandbytes layer can only exist once bitsandbytes
 is imported, so `sys.modules` says whether to look for one.
 """
 from __future__ import annotations
@@ -72,7 +72,8 @@ CPU_PACKING, HELD = "support_avx512bf16_for_cpu", "_replora_held_cpu_packing"
 def hold_layouts(model: nn.Module) -> None:
     """While a model is adapted, none of its 4-bit layers (targets or not) is repacked for bitsandbytes' CPU kernel
     (see unpack): gradients reach every adapter in eval-then-train loops, outputs do not depend on whether the
-    model was evaluated before, and the base weights stay as loaded. unload gives the layers back as they were."""
+    model was evaluated before, and the base weights stay as they are (a repacking before inject, undone here, has
+    already rounded the layer's absmax to bfloat16: bitsandbytes' doing). unload lets bitsandbytes repack again."""
     for module in model.modules():
         if is_quantized(module):
             unpack(module)
