@@ -15,7 +15,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import replora
 from replora.training import cli
-from replora.training.data import SPLIT_SEED, capped, load_task, stratified_fraction, stratified_sample, training_examples
+from replora.training import data
+from replora.training.data import SPLIT_SEED, capped, load_task, stratified_fraction, training_examples
 from tests.conftest import TINY_MODELS, make_config, outputs, train_steps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +167,7 @@ def test_a_training_cap_is_never_exceeded(dataset, n):
 
 def test_a_cap_keeps_the_old_subset_where_the_rounding_already_added_up():
     train = load_task("rotten_tomatoes").train
-    assert stratified_sample(train, 32, SPLIT_SEED) == stratified_fraction(train, 32 / len(train), SPLIT_SEED)
+    assert data.stratified_sample(train, 32, SPLIT_SEED) == stratified_fraction(train, 32 / len(train), SPLIT_SEED)
 
 
 def test_an_evaluation_cap_is_never_exceeded_on_a_mixed_dataset():
@@ -182,10 +183,10 @@ def test_an_evaluation_cap_is_never_exceeded_on_a_mixed_dataset():
 
 def test_stratified_sample_edge_cases():
     rows = [{"text": str(i), "label": i % 3} for i in range(10)]
-    assert stratified_sample(rows, 10, 0) == rows and stratified_sample(rows, 50, 0) == rows
-    assert len(stratified_sample(rows, 2, 0)) == 2 and len(stratified_sample(rows, 9, 0)) == 9
+    assert data.stratified_sample(rows, 10, 0) == rows and data.stratified_sample(rows, 50, 0) == rows
+    assert len(data.stratified_sample(rows, 2, 0)) == 2 and len(data.stratified_sample(rows, 9, 0)) == 9
     with pytest.raises(ValueError, match="at least 1"):
-        stratified_sample(rows, 0, 0)
+        data.stratified_sample(rows, 0, 0)
 
 
 # 8. smaller points -------------------------------------------------------------------------------------
