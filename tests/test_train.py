@@ -136,7 +136,9 @@ def test_config_file_and_flags_combine(tmp_path, tiny_folders, capsys):
     capsys.readouterr()
     assert main(["summary", str(tmp_path / "run")]) == 0
     assert re.search(r"moslora\s+1 0\s+accuracy\s+\d+\.\d\d ± 0\.00", capsys.readouterr().out)
-    assert main(["summary", str(tmp_path)]) == 2  # not a run folder
+    assert main(["summary", str(tmp_path)]) == 0  # the run below the folder is found (issue 35)
+    assert re.search(r"moslora\s+1 0\s+accuracy", capsys.readouterr().out)
+    assert main(["summary", str(tmp_path / "c.yaml")]) == 2  # no run at all: skipped, then one error line
     # The same output again without --resume is refused: nothing is overwritten.
     assert main(["train", "--config", str(tmp_path / "c.yaml"), "--output", str(tmp_path / "run")]) == 2
 
