@@ -27,11 +27,22 @@ def tiny(request):
     return PEFT_MODELS[request.param]
 
 
+def assert_same_change(actual: torch.Tensor, expected: torch.Tensor, base: torch.Tensor) -> None:
+    """actual equals expected (TIGHT), and differs from it by less than 1e-3 of the change expected makes to the
+    base model's outputs: a 1% error in the adapter's scale (lora_alpha) moves the outputs by about 1% of that."""
+    torch.testing.assert_close(actual, expected, **TIGHT)
+    change = (expected - base).abs().max()
+    assert (actual - expected).abs().max() < 1e-3 * change, f"off by {(actual - expected).abs().max() / change:.1e}"
+
+
 def test_export_loads_in_peft_with_equal_outputs(tiny, variant, tmp_path):
-    model = train_steps(replora.inject(tiny.build(), make_config(tiny, variant)), tiny)
+    # lr 5e-2: the adapter (not only a trained classifier head) moves the outputs well above TIGHT's tolerance.
+    model = train_steps(replora.inject(tiny.build(), make_config(tiny, variant)), tiny, lr=5e-2)
     replora.export_peft(model, tmp_path / "peft")
     peft_model = PeftModel.from_pretrained(tiny.build(), tmp_path / "peft").eval()
-    torch.testing.assert_close(outputs(peft_model, tiny.inputs()), outputs(model, tiny.inputs()), **TIGHT)
+    with replora.disable_adapters(model):
+        base = outputs(model, tiny.inputs())
+    assert_same_change(outputs(peft_model, tiny.inputs()), outputs(model, tiny.inputs()), base)
     # No missing or unexpected keys: PEFT's adapter state is exactly the file, tensor for tensor.
     in_file = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     in_peft = get_peft_model_state_dict(peft_model, save_embedding_layers=False)  # (the whole embedding table)
@@ -148,7 +159,7 @@ def test_save_and_export_act_on_the_named_adapter(tmp_path):
     replora.save_merged(model, tmp_path / "mos-merged", adapter_name="mos")
     torch.testing.assert_close(outputs(replora.load_adapter(tiny.build(), tmp_path / "mos"), tiny.inputs()), expected)
     peft_model = PeftModel.from_pretrained(tiny.build(), tmp_path / "mos-peft").eval()
-    torch.testing.assert_close(outputs(peft_model, tiny.inputs()), expected, **TIGHT)
+    assert_same_change(outputs(peft_model, tiny.inputs()), expected, outputs(tiny.build(), tiny.inputs()))
     merged = type(tiny.build()).from_pretrained(tmp_path / "mos-merged").eval()
     torch.testing.assert_close(outputs(merged, tiny.inputs()), expected, **TIGHT)
     # load_adapter adds a named adapter next to the existing ones.
