@@ -220,17 +220,30 @@ def test_dora_magnitude_is_the_dequantized_row_norm(folders, quant):
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
 def test_in_place_merge_is_refused(folders, quant):
     model = load(folders["llama"], "llama", quant)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    fast_kernel = q_proj.__dict__.get("support_avx512bf16_for_cpu")
     replora.inject(model, config_for("llama", "lora"))
     train_step(model)
     before, out = base_tensors(model), run(model)
     for call in (lambda: replora.merge(model), lambda: replora.unload(model)):
         with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj.*requantized.*save_merged"):
             call()
+    with pytest.raises(ValueError, match="requantized.*save_merged"):  # the layer refuses too, called alone
+        model.model.layers[0].self_attn.q_proj.merge("default")
     assert all(torch.equal(t, before[k]) for k, t in base_tensors(model).items())
     assert not any(layer.merged_adapters for layer in replora.model.adapted_layers(model).values())
     torch.testing.assert_close(run(model), out, rtol=0, atol=0)
-    replora.unload(model, merge=False)  # the base model back, still quantized
-    assert isinstance(model.model.layers[0].self_attn.q_proj, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    replora.unload(model, merge=False)  # the base model back, still quantized, bitsandbytes' CPU kernel as it was
+    assert model.model.layers[0].self_attn.q_proj is q_proj
+    assert q_proj.__dict__.get("support_avx512bf16_for_cpu") == fast_kernel
+
+
+def test_dequantize_reads_a_weight_bitsandbytes_repacked(folders):
+    model = load(folders["llama"], "llama", "nf4")
+    layer = model.model.layers[0].self_attn.q_proj
+    W = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    run(model)  # repacks it for the CPU kernel where the CPU has AVX512-BF16 (its absmax then in bfloat16)
+    torch.testing.assert_close(replora.quantized.dequantize(layer), W, rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
@@ -329,18 +342,27 @@ def test_prepare_for_quantized_training(folders):
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16  # not upcast: that would cost memory
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, packed)
     assert model.is_gradient_checkpointing
-    assert model.get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad
 
     replora.inject(model, replora.AdapterConfig(method="lora", r=4, target_modules=["q_proj", "v_proj"],
                                                 modules_to_save=["score"]))
     q_proj = model.model.layers[0].self_attn.q_proj
     assert q_proj.lora["default"].lora_A.dtype == torch.bfloat16  # the compute dtype
     assert model.score.copies["default"].weight.dtype == torch.float32
+    assert model.get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad  # though the embeddings are frozen
     model.train()
     loss = model(**inputs(), labels=torch.tensor([0, 1])).loss
     loss.backward()
     assert torch.isfinite(loss)
     assert q_proj.lora["default"].lora_B.grad is not None and q_proj.lora["default"].lora_B.grad.abs().sum() > 0
+
+
+def test_prepare_makes_inputs_require_grad_where_transformers_does_not(folders, monkeypatch):
+    """transformers before 5 turns on checkpointing without making the embeddings' output require grad."""
+    model = load(folders["llama"], "llama", "nf4")
+    monkeypatch.setattr(model, "activation_checkpointing_enable", lambda kwargs=None: None, raising=False)
+    replora.prepare_for_quantized_training(model)
+    model.requires_grad_(False)  # as inject leaves the base model
+    assert model.get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad
 
 
 def test_replora_works_without_bitsandbytes():
