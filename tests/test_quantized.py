@@ -14,7 +14,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           BertForSequenceClassification, LlamaConfig, LlamaForCausalLM)
 
 import replora
-from tests.conftest import ENV, logits
+from conftest import ENV, logits
 
 bnb = pytest.importorskip("bitsandbytes")
 from transformers import BitsAndBytesConfig  # noqa: E402
