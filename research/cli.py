@@ -202,6 +202,30 @@ def cmd_update_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The README's demo table: `replora demo` with its defaults, its runs in <output>/runs (resumable: finished
+    runs are read again, not retrained), its table written to <output>/demo.txt."""
+    import contextlib
+    import io
+
+    from replora.files import write_text
+    from replora.training.cli import main as replora_main
+
+    root = Path(args.output) if args.output else RESULTS / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = replora_main(["demo", "--output", str(root / "runs")])
+    if code:
+        return code
+    lines = printed.getvalue().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("MiniLM + Rotten Tomatoes"))
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("run folders:"))
+    write_text(root / "demo.txt", "\n".join(lines[start:end]) + "\n")
+    print("\n".join(lines[start:end]))
+    print(f"written to {root / 'demo.txt'}; the README's demo table quotes it")
+    return 0
+
+
 def parse_batch(value: str) -> tuple[int, int]:
     """`--batches 4x32`: (examples, tokens each)."""
     size, _, tokens = value.lower().partition("x")
@@ -341,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--protocols", nargs="+", choices=("image", "text"), default=["image", "text"],
                       help="the protocols whose trajectory runs may train (default both; the others are read)")
     rank.set_defaults(func=cmd_update_rank)
+
+    demo = sub.add_parser("demo", help="the README's demo table: replora demo, its table in results/demo/demo.txt",
+                          description="Run `replora demo` with its defaults into <output>/runs (finished runs are "
+                                      "read again, not retrained) and write its table to <output>/demo.txt, which "
+                                      "the README quotes.")
+    demo.add_argument("--output", help="results folder (default research/results/demo)")
+    demo.set_defaults(func=cmd_demo)
 
     report = sub.add_parser("report", help="rebuild every report's tables and plots from its finished runs",
                             description="Rebuild the .md / .csv / .png of every report under the results folder "

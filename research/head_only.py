@@ -21,7 +21,7 @@ from replora import load_adapter
 from replora.model import adapted_layers
 from replora.training import load_task
 from replora.training.data import capped
-from replora.training.loop import ScoreHead, evaluate
+from replora.training.objectives import ScoreHead, evaluate
 from replora.training.settings import TrainSettings
 
 

@@ -268,6 +268,22 @@ def kill_once_checkpointed(args: list[str], out: Path, timeout: float = 240, lau
     assert not (out / "metrics.json").exists(), "the run ended before it could be killed"
 
 
+def checkpointed_step(out: Path) -> int:
+    """The step of the run's latest checkpoint (what a resume starts from)."""
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    return json.loads((out / "checkpoints" / latest / "trainer_state.json").read_text())["step"]
+
+
+def assert_resumed(out: Path, from_step: int) -> None:
+    """The run in `out` was resumed at `from_step` and took only the steps left: a run retrained from scratch
+    (which ends with the same figures, being deterministic) fails this."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 < from_step < metrics["steps"]
+    assert (metrics["resumed_at_step"], metrics["steps_this_run"]) == (from_step, metrics["steps"] - from_step)
+    log = (out / "log.txt").read_text()
+    assert f"resumed from {out / 'checkpoints'}/epoch-" in log and f", step {from_step})" in log, log[-2000:]
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from replora.training import TrainSettings
-from replora.training import loop
+from replora.training import objectives
 from replora.training.cli import main
 
-from conftest import ENV, REPLORA, kill_once_checkpointed, sentiment_rows, write_jsonl
+from conftest import ENV, REPLORA, assert_resumed, checkpointed_step, kill_once_checkpointed, sentiment_rows, write_jsonl
 
 
 def split_rows(tmp_path, train: int = 40, flipped: bool = False):
@@ -98,14 +98,14 @@ def test_bad_budget_flags_exit_2(args, message, capsys, tmp_path):
 def test_the_best_adapter_by_validation_is_saved_and_tested(tmp_path, tiny_folders, monkeypatch, capsys):
     data = split_rows(tmp_path)
     tested = []
-    real_test = loop.ScoreHead.test
+    real_test = objectives.ScoreHead.test
 
     def test(self, model, loader, examples, accelerator):
         tested.append({k: v.detach().clone() for k, v in replora_state(accelerator.unwrap_model(model)).items()})
         return real_test(self, model, loader, examples, accelerator)
 
-    monkeypatch.setattr(loop.ScoreHead, "test", test)
-    scripted(monkeypatch, loop.ScoreHead, "validation_accuracy", [0.5, 0.75, 0.625])
+    monkeypatch.setattr(objectives.ScoreHead, "test", test)
+    scripted(monkeypatch, objectives.ScoreHead, "validation_accuracy", [0.5, 0.75, 0.625])
     out = tmp_path / "run"
     assert main(["train", "--model", tiny_folders["bert"], "--dataset", str(data), "--batch-size", "8", "--epochs", "3",
                  "--lr", "1e-2", "--output", str(out)]) == 0
@@ -130,7 +130,7 @@ def replora_state(model) -> dict:
 
 def test_keep_last_keeps_the_last_steps_adapter(tmp_path, tiny_folders, monkeypatch):
     data = split_rows(tmp_path)
-    scripted(monkeypatch, loop.ScoreHead, "validation_accuracy", [0.5, 0.75, 0.625])
+    scripted(monkeypatch, objectives.ScoreHead, "validation_accuracy", [0.5, 0.75, 0.625])
     out = tmp_path / "run"
     assert main(["train", "--model", tiny_folders["bert"], "--dataset", str(data), "--batch-size", "8", "--epochs", "3",
                  "--lr", "1e-2", "--keep", "last", "--output", str(out)]) == 0
@@ -155,8 +155,8 @@ def test_without_an_adapter_the_best_weights_are_kept_in_memory(tmp_path, tiny_f
         tested.append(weights(accelerator.unwrap_model(model)))
         return {"test_accuracy": 0.5}
 
-    monkeypatch.setattr(loop.ScoreHead, "validate", validate)
-    monkeypatch.setattr(loop.ScoreHead, "test", test)
+    monkeypatch.setattr(objectives.ScoreHead, "validate", validate)
+    monkeypatch.setattr(objectives.ScoreHead, "test", test)
     out = tmp_path / "run"
     assert main(["train", "--model", tiny_folders["bert"], "--dataset", str(data), "--batch-size", "8", "--epochs", "3",
                  "--lr", "1e-2", "--method", method, "--output", str(out)]) == 0
@@ -167,7 +167,7 @@ def test_without_an_adapter_the_best_weights_are_kept_in_memory(tmp_path, tiny_f
 def test_early_stopping_stops_after_patience_validations_without_a_better_one(tmp_path, tiny_folders, monkeypatch,
                                                                              capsys):
     data = split_rows(tmp_path)
-    scripted(monkeypatch, loop.ScoreHead, "validation_accuracy", [0.5, 0.75, 0.75, 0.625, 0.9, 0.9])
+    scripted(monkeypatch, objectives.ScoreHead, "validation_accuracy", [0.5, 0.75, 0.75, 0.625, 0.9, 0.9])
     out = tmp_path / "run"
     assert main(["train", "--model", tiny_folders["bert"], "--dataset", str(data), "--batch-size", "8", "--epochs", "3",
                  "--eval-steps", "2", "--early-stopping-patience", "2", "--output", str(out)]) == 0
@@ -185,7 +185,7 @@ def test_early_stopping_stops_after_patience_validations_without_a_better_one(tm
 
 def test_a_score_still_improving_at_the_end_is_noted(tmp_path, tiny_folders, monkeypatch, capsys):
     data = split_rows(tmp_path)
-    scripted(monkeypatch, loop.ScoreHead, "validation_accuracy", [0.5, 0.625, 0.75])
+    scripted(monkeypatch, objectives.ScoreHead, "validation_accuracy", [0.5, 0.625, 0.75])
     out = tmp_path / "run"
     assert main(["train", "--model", tiny_folders["bert"], "--dataset", str(data), "--batch-size", "8", "--epochs", "3",
                  "--output", str(out)]) == 0
@@ -203,7 +203,7 @@ def test_sft_keeps_the_lowest_validation_loss(tmp_path, tiny_lm_folders, monkeyp
     rows = [{"prompt": f"item {i} is {'hot' if i % 2 else 'cold'}", "response": "yes" if i % 2 else "no"}
             for i in range(30)]
     data = write_jsonl(tmp_path / "qa.jsonl", rows)  # 24 to train on at batch 8: 3 steps a pass
-    scripted(monkeypatch, loop.Generative, "validation_loss", losses)
+    scripted(monkeypatch, objectives.Generative, "validation_loss", losses)
     out = tmp_path / "run"
     assert main(["train", "--model", tiny_lm_folders["plain"], "--dataset", str(data), "--batch-size", "8",
                  "--epochs", "3", "--max-new-tokens", "2", "--output", str(out)]) == 0
@@ -244,9 +244,11 @@ def test_killed_run_resumes_with_the_same_best_adapter(tmp_path, tiny_folders):
     out = tmp_path / "cut"
     kill_once_checkpointed(common, out)
     assert (out / "checkpoints" / "latest").read_text() == "epoch-1"
+    from_step = checkpointed_step(out)
     resumed = subprocess.run(REPLORA + common + ["--output", str(out), "--resume"], env=ENV, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_resumed(out, from_step)
     a, b = read(tmp_path / "whole"), read(out)
     assert a["best_step"] == b["best_step"] and a["test_accuracy"] == b["test_accuracy"]
     assert [h["step"] for h in a["history"]] == [h["step"] for h in b["history"]] == [5, 10, 15, 20, 25, 30, 35, 36]

@@ -15,27 +15,27 @@ from safetensors.torch import save_file
 
 import replora
 import replora.saving
-import replora.training.loop
+import replora.training.objectives
 from replora.training.cli import main
 from replora.training.settings import read_settings_file, settings_from
 
 from conftest import TINY_MODELS, make_config, train_steps
-from conftest import ENV, sentiment_rows, write_jsonl
+from conftest import ENV, assert_resumed, checkpointed_step, sentiment_rows, write_jsonl
 
 BERT = TINY_MODELS["bert"]
 SRC = Path(replora.__file__).parent
 
 KILL_DURING_SECOND_CHECKPOINT = """
 import os, signal, sys
-import replora.training.loop as train
-real, calls = train.save_file, []
+import replora.training.run_folder as run_folder
+real, calls = run_folder.save_file, []
 def dying(tensors, path, metadata=None):
     calls.append(path)
     if len(calls) == 2:  # the epoch-2 checkpoint: its adapter is written, its training state half-written
         open(path, "wb").write(b"partial")
         os.kill(os.getpid(), signal.SIGKILL)
     return real(tensors, path, metadata=metadata)
-train.save_file = dying
+run_folder.save_file = dying
 from replora.training.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -57,9 +57,11 @@ def test_killed_while_writing_a_checkpoint_keeps_the_last_one_and_resumes(tmp_pa
     assert (checkpoints / "latest").read_text() == "epoch-1"
     assert any(p.name.startswith(".epoch-2.tmp-") for p in checkpoints.iterdir()), "the kill missed the write"
     replora.read_adapter(checkpoints / "epoch-1" / "adapter")  # the last checkpoint is whole
+    from_step = checkpointed_step(out)
     resumed = subprocess.run([sys.executable, "-m", "replora"] + common + ["--output", str(out), "--resume"],
                              env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_resumed(out, from_step)
     a, b = (json.loads((p / "metrics.json").read_text()) for p in (tmp_path / "whole", out))
     assert a["test_accuracy"] == b["test_accuracy"] and a["history"][-1]["train_loss"] == pytest.approx(
         b["history"][-1]["train_loss"], abs=1e-6)
@@ -69,14 +71,14 @@ def test_killed_while_writing_a_checkpoint_keeps_the_last_one_and_resumes(tmp_pa
 
 def test_a_loss_that_becomes_nan_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, tiny_folders, monkeypatch, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(40))  # 32 train rows: 4 steps per epoch
-    real, calls = replora.training.loop.forward_logits, []
+    real, calls = replora.training.objectives.forward_logits, []
 
     def poisoned(model, batch):
         calls.append(1)
         logits = real(model, batch)
         return logits * float("nan") if model.training and len(calls) > 6 else logits
 
-    monkeypatch.setattr(replora.training.loop, "forward_logits", poisoned)
+    monkeypatch.setattr(replora.training.objectives, "forward_logits", poisoned)
     code = main(["train", "--model", tiny_folders["bert"], "--dataset", str(data), "--epochs", "3",
                  "--batch-size", "8", "--output", str(tmp_path / "run")])
     assert code == 1

@@ -220,8 +220,6 @@ def test_skipped_images_are_kept_for_the_run_log(digits, tmp_path):
     assert load_task(digits).notes == []
 
 
-@pytest.mark.xfail(strict=True, reason="needs training/loop.py (another engineer's) to log task.notes once "
-                                       "log.txt is attached; see the report of issue 35")
 def test_skipped_images_are_in_log_txt(digits, tmp_path, vision_folders):
     out = tmp_path / "run"
     assert cli.main(["train", "--dataset", str(_bad_image_folder(digits, tmp_path)), "--model", vision_folders["vit"],

@@ -510,3 +510,10 @@ def test_grid_option_flag_is_checked_and_recorded():
                                                               "two": {"shared_init": "some"}}
     finally:
         METHODS.pop("one", None), METHODS.pop("two", None)
+
+
+def test_the_readme_quotes_the_committed_demo_table():
+    """The README's demo table is research/results/demo/demo.txt, which `python -m research demo` writes."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = (Path(__file__).parents[1] / "research" / "results" / "demo" / "demo.txt").read_text()
+    assert f"```\n{table}```" in readme

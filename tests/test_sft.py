@@ -16,7 +16,7 @@ from replora.training import generative
 from replora.training.cli import main
 from replora.training.generative import IGNORE
 
-from conftest import ENV, kill_once_checkpointed, uneven_qa_rows, write_jsonl
+from conftest import ENV, assert_resumed, checkpointed_step, kill_once_checkpointed, uneven_qa_rows, write_jsonl
 
 COLOURS = ["red", "green", "blue", "white", "black", "yellow"]
 
@@ -222,9 +222,11 @@ def test_killed_sft_run_resumes_to_the_same_result(tmp_path, tiny_lm_folders):
     assert whole.returncode == 0, whole.stderr[-2000:]
     out = tmp_path / "cut"
     kill_once_checkpointed(common, out)
+    from_step = checkpointed_step(out)
     resumed = subprocess.run(replora_cli + common + ["--output", str(out), "--resume"], env=ENV, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_resumed(out, from_step)
     a, b = (json.loads((tmp_path / k / "metrics.json").read_text()) for k in ("whole", "cut"))
     for key in ("test_loss", "test_exact_match", "padding_fraction"):
         assert a[key] == pytest.approx(b[key], abs=1e-6), key

@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from replora.training.cli import main
+from replora.training.loop import run_notes
 from replora.training.data import load_task, rotten_tomatoes, bigbench, stratified_fraction
 
-from conftest import ENV, REPLORA, kill_once_checkpointed, sentiment_rows, write_jsonl
+from conftest import ENV, REPLORA, assert_resumed, checkpointed_step, kill_once_checkpointed, sentiment_rows, write_jsonl
 
 
 
@@ -194,9 +195,11 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_folders):
     out = tmp_path / "cut"
     kill_once_checkpointed(common, out)
     assert (out / "checkpoints" / "latest").read_text() == "epoch-1"
+    from_step = checkpointed_step(out)
 
     resumed = run(common + ["--output", str(out), "--resume"], timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_resumed(out, from_step)
     whole, cut = (json.loads((tmp_path / k / "metrics.json").read_text()) for k in ("whole", "cut"))
     assert cut["test_accuracy"] == whole["test_accuracy"]
     assert [h["validation_accuracy"] for h in cut["history"]] == [h["validation_accuracy"] for h in whole["history"]]
@@ -217,3 +220,34 @@ def test_resume_with_other_settings_is_refused(tmp_path, tiny_folders, capsys):
     assert main(args) == 0
     assert main(args + ["--resume", "--lr", "0.01"]) == 2
     assert "settings that differ from the run" in capsys.readouterr().err
+
+
+def test_resume_alone_continues_with_the_runs_own_settings(tmp_path, tiny_folders, capsys):
+    """`--output X --resume` needs no other flag: the run's settings.json has them all. A flag given beside it
+    that differs from the run is refused, named (adapter options too)."""
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(40))
+    out = tmp_path / "run"
+    assert main(["train", "--model", tiny_folders["bert"], "--dataset", str(data), "--epochs", "1", "--batch-size", "8",
+                 "--method", "replora", "--r", "4", "--seed", "3", "--output", str(out)]) == 0
+    first = json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+    assert main(["train", "--output", str(out), "--resume"]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert (again["method"], again["seed"], again["steps_this_run"]) == ("replora", 3, 0)
+    assert again["test_accuracy"] == first["test_accuracy"]
+    assert main(["train", "--output", str(out), "--resume", "--seed", "4", "--r", "8"]) == 2
+    assert f"settings that differ from the run in {out}: r, seed;" in capsys.readouterr().err
+
+
+def test_the_results_and_notes_are_printed_once(tmp_path, tiny_folders, capfd):
+    """The table and the notes go to the console once (stdout); log.txt keeps them too."""
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(40))
+    out = tmp_path / "run"
+    assert main(["train", "--model", tiny_folders["bert"], "--dataset", str(data), "--epochs", "2", "--batch-size", "8",
+                 "--output", str(out)]) == 0
+    console = "".join(capfd.readouterr())
+    notes = run_notes(json.loads((out / "metrics.json").read_text()))
+    assert notes, "expected a note (the kept adapter, or a score still improving)"
+    for line in [*notes, "test acc"]:
+        assert console.count(line) == 1, (line, console[-3000:])
+    assert all(note in (out / "log.txt").read_text() for note in notes)

@@ -12,7 +12,8 @@ from transformers import AutoModelForImageClassification
 
 import replora
 from replora.layer import AdaptedLayer
-from replora.training.loop import ImageCollator, freeze_batch_norm_statistics, train
+from replora.training.loop import freeze_batch_norm_statistics, train
+from replora.training.objectives import ImageCollator
 from replora.training.vision_models import load_image_classifier
 from replora.training.settings import TrainSettings
 

@@ -1,6 +1,7 @@
 """replora.from_pretrained: the core's from_pretrained (replora/auto.py) plus what the training app knows: run
 folders of `replora train` (settings.json and adapter/) and the packaged model names (minilm, smollm2, ...,
-dinov2-small and efficientnet-lite0, built as `replora train` builds them).
+dinov2-small and efficientnet-lite0, built as `replora train` builds them); and model_path, a packaged model's
+folder for transformers' own from_pretrained.
 
 The base model is the one the folder records (the run's model, or the adapter's base_model_name_or_path), or
 `model=`.
@@ -94,3 +95,18 @@ def _packaged_image_classifier(name: str, config: dict, tensors: dict, image_siz
         raise ValueError(f"the adapter holds no classification head for {name!r}, so its label count is unknown; "
                          "load the base model yourself and call replora.load_adapter(model, folder)")
     return load_image_classifier(name, num_labels, image_size)[0]
+
+
+def model_path(name: str) -> str:
+    """The folder of a model, for transformers' `from_pretrained`: a packaged name (`minilm`, `smollm2`,
+    `gemma3-270m`, `dinov2-small`; the GGUF-packaged ones are made into a plain folder in the cache once), a
+    local transformers folder (checked), or a hub id (returned as given). For example
+    `AutoModelForSequenceClassification.from_pretrained(model_path("minilm"), num_labels=2)`.
+    `efficientnet-lite0` is a PyTorch package, not a transformers folder: it is refused with where to use it."""
+    if name == "dinov2-small":
+        return str(dinov2_small_path())
+    if name == "efficientnet-lite0":
+        raise ValueError("efficientnet-lite0 is packaged as PyTorch weights, not a transformers folder, so it has "
+                         "no path to load: train it with `replora train --model efficientnet-lite0` and load the run "
+                         "with replora.from_pretrained(run_folder)")
+    return resolve_model(name)

@@ -125,23 +125,6 @@ def resolve_model(name: str) -> str:
     return name  # a hub id; from_pretrained says if it cannot be fetched
 
 
-def model_path(name: str) -> str:
-    """The folder of a model, for transformers' `from_pretrained`: a packaged name (`minilm`, `smollm2`,
-    `gemma3-270m`, `dinov2-small`; the GGUF-packaged ones are made into a plain folder in the cache once), a
-    local transformers folder (checked), or a hub id (returned as given). For example
-    `AutoModelForSequenceClassification.from_pretrained(model_path("minilm"), num_labels=2)`.
-    `efficientnet-lite0` is a PyTorch package, not a transformers folder: it is refused with where to use it."""
-    if name == "dinov2-small":
-        from .vision_models import dinov2_small_path
-
-        return str(dinov2_small_path())
-    if name == "efficientnet-lite0":
-        raise ValueError("efficientnet-lite0 is packaged as PyTorch weights, not a transformers folder, so it has "
-                         "no path to load: train it with `replora train --model efficientnet-lite0` and load the run "
-                         "with replora.from_pretrained(run_folder)")
-    return resolve_model(name)
-
-
 def load_model(name: str, num_labels: int):
     """(model, tokenizer): a sequence classifier with `num_labels` outputs (1 = a score per choice)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
