@@ -17,7 +17,7 @@ from torch import nn
 from .. import auto
 from ..saving import CONFIG_NAME, WEIGHTS_NAME, read_adapter_files
 from .evaluation import model_and_adapter
-from .pretrained import resolve_model
+from .pretrained import HEADS, quantized_loading, resolve_model
 from .vision_models import dinov2_small_path, load_image_classifier
 
 RUN_TASKS = {"sft": "CAUSAL_LM"}  # a run's task, for adapter files that record no task_type (classifiers save a head)
@@ -32,10 +32,22 @@ def from_pretrained(folder: str | os.PathLike, model: str | os.PathLike | nn.Mod
     model: the base model to use instead of the one the folder records: a transformers folder, a packaged name
       (minilm, smollm2, ...) or a hub id; or a model object, which gets the adapter (PeftModel.from_pretrained).
     load_kwargs: passed to transformers' from_pretrained (dtype=..., device_map=..., num_labels=...).
+
+    A run trained with `--quantize 4bit|8bit` gives its base model back quantized as the run loaded it (the model
+    it trained, on this process's device, its head unquantized), unless load_kwargs has quantization_config: your
+    own BitsAndBytesConfig, or None for the base model in full precision. (PEFT leaves quantization to the
+    caller; a run folder records it, so the same model comes back.) The adapter then runs beside the quantized
+    layers: `replora.merge` is refused there, `replora.save_merged` writes a full-precision merged model.
     """
     base, adapter, run, where = _locate(folder, model)
     if isinstance(model, nn.Module):
         return auto.from_pretrained(adapter, model, adapter_name, **load_kwargs)
+    if "quantization_config" in load_kwargs:
+        if load_kwargs["quantization_config"] is None:
+            load_kwargs = {k: v for k, v in load_kwargs.items() if k != "quantization_config"}
+    elif run.get("quantize"):
+        loading = quantized_loading(run["quantize"], skip=HEADS if run.get("task") != "sft" else ())
+        load_kwargs = {**loading, **load_kwargs}  # (a device_map given wins)
     config, tensors = read_adapter_files(adapter)
     try:
         if base == "efficientnet-lite0" or run.get("image_size"):  # built as the run built it

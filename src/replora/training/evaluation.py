@@ -71,6 +71,7 @@ def evaluate_generative(s: EvalSettings) -> dict:
     s.validate()
     model_name, adapter, run = model_and_adapter(s.adapter, s.model)
     max_length = s.max_length or run.get("max_length", 256)
+    quantize = s.quantize or run.get("quantize")  # the base model as the run trained it, unless asked otherwise
     groups = scored_items(s)
     if s.scoring == "loglik" and not all("choices" in e for examples in groups.values() for e in examples):
         raise ValueError(f"--scoring loglik needs items with choices (e.g. --dataset commonsense); {s.dataset!r} has "
@@ -85,13 +86,14 @@ def evaluate_generative(s: EvalSettings) -> dict:
         raise ValueError(f"{out} already holds an evaluation; choose another --output (nothing is overwritten)")
 
     torch.manual_seed(s.seed)
-    model, tokenizer = load_causal_lm(model_name)
-    base_total = sum(p.numel() for p in model.parameters())
+    model, tokenizer = load_causal_lm(model_name, quantize)
+    base_total = count_parameters(model)[1]  # (a 4-bit weight counted by its values: count_parameters)
     trainable = 0
     if adapter is not None:
         load_adapter(model, adapter)
         trainable = count_parameters(model)[0]
-        merge(model)  # inference then costs what the base model costs (RepLoRA's generators do not run)
+        if quantize is None:  # (into quantized layers a merge is refused: the adapter runs beside them)
+            merge(model)  # inference then costs what the base model costs (RepLoRA's generators do not run)
     model.eval()
     started = time.perf_counter()
     scores, samples = {}, {}
@@ -114,6 +116,7 @@ def evaluate_generative(s: EvalSettings) -> dict:
         "dataset": s.dataset, "scoring": s.scoring, "items_per_task": {k: len(v) for k, v in groups.items()},
         "accuracy": scores, "average": statistics.fmean(scores.values()),
         "trainable_percent": 100 * trainable / base_total, "seed": s.seed, "max_length": max_length,
+        "quantize": quantize,
         "seconds": time.perf_counter() - started, "samples": samples,
     }
 

@@ -130,10 +130,14 @@ class ScoreHead(Objective):
     def __init__(self, s: TrainSettings, task: TaskData):
         super().__init__(s, task)
         if task.images:
+            if s.quantize is not None:
+                raise ValueError(f"--quantize {s.quantize} is not supported for image classification: bitsandbytes "
+                                 "quantizes transformers text models as they load; train image models in full "
+                                 "precision (leave out --quantize)")
             self.model, processor, self.default_targets = load_image_classifier(s.model, task.num_labels, s.image_size)
             self.collate = ImageCollator(processor)
         else:
-            self.model, self.tokenizer = load_model(s.model, task.num_labels)
+            self.model, self.tokenizer = load_model(s.model, task.num_labels, s.quantize)
             self.collate = Collator(self.tokenizer, task.kind, s.max_length)
         self.head = head_name(self.model)
 
@@ -166,7 +170,7 @@ class Generative(Objective):
 
     def __init__(self, s: TrainSettings, task: TaskData):
         super().__init__(s, task)
-        self.model, self.tokenizer = load_causal_lm(s.model)
+        self.model, self.tokenizer = load_causal_lm(s.model, s.quantize)
         self.collate = generative.SFTCollator(self.tokenizer.pad_token_id)
 
     def prepare(self, train, validation, test) -> None:

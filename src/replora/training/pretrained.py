@@ -11,6 +11,7 @@ from torch import nn
 
 from ..auto import pad_with_eos, quiet_loading
 from ..saving import write_folder
+from .settings import QUANTIZE
 
 BUILTIN_MODELS = ("minilm", "smollm2", "gemma3-270m", "dinov2-small", "efficientnet-lite0")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -125,26 +126,84 @@ def resolve_model(name: str) -> str:
     return name  # a hub id; from_pretrained says if it cannot be fetched
 
 
-def load_model(name: str, num_labels: int):
-    """(model, tokenizer): a sequence classifier with `num_labels` outputs (1 = a score per choice)."""
+HEADS = ("classifier", "score")  # a sequence classifier's new head (head_name): kept out of quantization
+BITSANDBYTES_MISSING = ("--quantize {quantize} loads the base model with bitsandbytes, which is not installed{why}: "
+                        "run `pip install bitsandbytes` (or `pip install 'replora[quantized]'`), or leave out --quantize")
+
+
+def require_bitsandbytes(quantize: str) -> None:
+    """bitsandbytes imports, or a ValueError naming the fix (transformers' own check only reads the package's
+    metadata, and fails later with a longer message)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:  # absent, or installed without a library it needs
+        why = "" if e.name == "bitsandbytes" else f" (importing it failed: {str(e).splitlines()[0]})"
+        raise ValueError(BITSANDBYTES_MISSING.format(quantize=quantize, why=why)) from None
+
+
+def quantized_loading(quantize: str | None, skip: tuple[str, ...] = ()) -> dict:
+    """transformers from_pretrained options that load a model quantized as `--quantize` says ({} for None):
+    4bit = bitsandbytes NF4, 8bit = LLM.int8, the modules named in `skip` (a classifier's new head, which trains
+    in full) left unquantized, the whole model on this process's device (bitsandbytes layers are not moved
+    afterwards: Accelerate checks that the model already sits where it trains)."""
+    if quantize is None:
+        return {}
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ValueError(f"--quantize {quantize} with FSDP is not supported (bitsandbytes weights are not sharded "
+                         "here): run on one process, or data-parallel without an FSDP config, or leave out --quantize")
+    require_bitsandbytes(quantize)
+    from accelerate import PartialState
+    from transformers import BitsAndBytesConfig
+
+    device = PartialState().device
+    skipped = list(skip) or None  # None: transformers' own default (it keeps the output embeddings unquantized)
+    if quantize == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skipped)
+    else:
+        # The 4-bit matmuls' dtype: bfloat16 on a GPU that has it (QLoRA's setting: the fast kernels, float32's
+        # range), float32 elsewhere: the CPU (and older GPUs) have no fast bfloat16 matmul, and float32 keeps the
+        # adapter's factors (made in this dtype) and the dequantized W0 exact.
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+                                    llm_int8_skip_modules=skipped)
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
+def _prepared(model: nn.Module, quantize: str | None) -> nn.Module:
+    """A quantized model ready for an adapter (replora.prepare_for_quantized_training: norms and the new head in
+    float32). No gradient checkpointing: replora train has no setting that asks for it (it costs time)."""
+    if quantize is None:
+        return model
+    from ..quantized import prepare_for_quantized_training
+
+    return prepare_for_quantized_training(model, gradient_checkpointing=False, heads=HEADS)
+
+
+def load_model(name: str, num_labels: int, quantize: str | None = None):
+    """(model, tokenizer): a sequence classifier with `num_labels` outputs (1 = a score per choice); quantized
+    with bitsandbytes when `quantize` is 4bit or 8bit, its head left unquantized."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    loading = quantized_loading(quantize, skip=HEADS)
     path = resolve_model(name)
     with quiet_loading(name):
         tokenizer = AutoTokenizer.from_pretrained(path)
         # A folder saved with another head size gets a fresh head of the task's size (it trains in full).
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
-                                                                   ignore_mismatched_sizes=True)
+                                                                   ignore_mismatched_sizes=True, **loading)
     pad_with_eos(model, tokenizer)
-    return model, tokenizer
+    return _prepared(model, quantize), tokenizer
 
 
 GENERATIVE_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
-def load_causal_lm(name: str):
+def load_causal_lm(name: str, quantize: str | None = None):
     """(model, tokenizer) of a decoder that writes text (--task sft); the tokenizer pads with EOS when it
-    has no pad token."""
+    has no pad token. Quantized with bitsandbytes when `quantize` is 4bit or 8bit."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name)
@@ -156,13 +215,14 @@ def load_causal_lm(name: str):
     if architectures and not any(a.endswith(GENERATIVE_ARCHITECTURES) for a in architectures):
         raise ValueError(f"--task sft trains a model to write its answers, but {name!r} is a {architectures[0]}, "
                          "not a text generator; use a decoder (causal LM) such as --model smollm2")
+    loading = quantized_loading(quantize)
     with quiet_loading(name):
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **loading)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"model {name!r}: its tokenizer has no end-of-sequence token, which sft appends to answers")
     pad_with_eos(model, tokenizer)
-    return model, tokenizer
+    return _prepared(model, quantize), tokenizer
 
 
 def head_name(model: nn.Module) -> str | None:

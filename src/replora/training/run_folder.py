@@ -92,7 +92,7 @@ def write_json(path: Path, data: dict) -> None:
 
 # Settings a run folder's settings.json may lack (written before they existed), with the values that
 # reproduce what such a run did: resumed, it goes on as it began.
-LEGACY = {"min_steps": 0, "keep": "last", "eval_steps": None, "early_stopping_patience": None}
+LEGACY = {"min_steps": 0, "keep": "last", "eval_steps": None, "early_stopping_patience": None, "quantize": None}
 
 
 def saved_settings(s: TrainSettings, out: Path) -> dict | None:

@@ -20,6 +20,8 @@ FULL = "full"  # full fine-tuning, the reference line of the experiments: no ada
 HEAD = "head"  # a linear probe: no adapter, only the new classification head trains
 NO_ADAPTER = (FULL, HEAD)
 TASKS = ("auto", "classification", "multiple-choice", "sft")
+IMAGE_MODELS = ("dinov2-small", "efficientnet-lite0")  # the packaged image models
+QUANTIZE = ("4bit", "8bit")  # --quantize: bitsandbytes NF4 or LLM.int8 (pretrained.quantization_config)
 DEFAULT_EPOCHS = 2  # the default budget: 2 passes, or more for small data (min_steps)
 
 
@@ -81,6 +83,11 @@ class TrainSettings:
     max_eval_examples: int | None = setting(None, "cap the validation and test splits (fixed subsets)", "training")
     eval_batch_size: int = setting(64, "batch size for evaluation", "training")
     mixed_precision: str = setting("no", "autocast precision", "training", ("no", "bf16", "fp16"))
+    quantize: str | None = setting(None, "load the base model quantized with bitsandbytes (QLoRA): 4bit (NF4) or 8bit "
+                                         "(LLM.int8); the adapter and a new head train in full precision on the frozen "
+                                         "quantized base. Needs `pip install bitsandbytes`; not for --method full or "
+                                         "the packaged image models (default: full precision)", "training",
+                                   QUANTIZE)
     text_column: str = setting("text", "your data's text (or question) column", "your data")
     label_column: str = setting("label", "your data's label column", "your data")
     choices_column: str | None = setting(None, "your data's choices column: makes the task multiple choice", "your data")
@@ -105,6 +112,14 @@ class TrainSettings:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
+        if self.quantize is not None and self.model in IMAGE_MODELS:
+            raise ValueError(f"--quantize {self.quantize} is not supported for image models ({self.model!r}): "
+                             "bitsandbytes quantizes transformers text models' linear layers as they load; train "
+                             "image models in full precision (leave out --quantize)")
+        if self.quantize is not None and self.method == FULL:
+            raise ValueError(f"--quantize {self.quantize} loads a frozen quantized base for an adapter to train on, but "
+                             f"--method {FULL} trains every weight, and quantized weights cannot be trained: choose an "
+                             "adapter method (or --method head), or leave out --quantize")
         if self.method in NO_ADAPTER:
             if self.adapter:
                 raise ValueError(f"method {self.method!r} trains no adapter, so it takes no adapter options; got "
@@ -163,6 +178,9 @@ class EvalSettings:
     max_new_tokens: int = setting(16, "the most tokens generated per answer", "eval")
     max_length: int | None = setting(None, "tokens per prompt and answer (default: the run's --max-length, else 256)",
                                      "eval")
+    quantize: str | None = setting(None, "load the base model quantized with bitsandbytes: 4bit or 8bit (default: as "
+                                         "the run was trained, its settings.json's quantize; else full precision)",
+                                   "eval", QUANTIZE)
     batch_size: int = setting(16, "prompts generated together", "eval")
     output: str | None = setting(None, "folder for eval.json and eval.md (default: eval-<dataset>-<scoring>-... in "
                                        "the run folder, or under runs/eval)", "eval")
@@ -180,8 +198,10 @@ def _check_fields(settings, counts: tuple[str, ...], optional_counts: tuple[str,
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     for f in dataclasses.fields(settings):
-        choices = _choices(f)
-        if choices and getattr(settings, f.name) not in choices:
+        choices, value = _choices(f), getattr(settings, f.name)
+        if value is None and f.default is None:  # an optional setting left out (e.g. quantize: full precision)
+            continue
+        if choices and value not in choices:
             raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(settings, f.name)!r}")
 
 
