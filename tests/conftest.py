@@ -263,9 +263,43 @@ def kill_once_checkpointed(args: list[str], out: Path, timeout: float = 240, lau
     deadline = time.time() + timeout
     while not (out / "checkpoints" / "latest").exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.02)
+    # A launcher's workers may run in sessions of their own (torch elastic starts them so): kill the whole tree.
+    os.killpg(process.pid, signal.SIGSTOP)
+    tree = _descendants(process.pid)
     os.killpg(process.pid, signal.SIGKILL)
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     process.wait()
+    while any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in tree):
+        time.sleep(0.02)
     assert not (out / "metrics.json").exists(), "the run ended before it could be killed"
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
 
 
 def checkpointed_step(out: Path) -> int:
