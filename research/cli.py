@@ -256,6 +256,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantized(args: argparse.Namespace) -> int:
+    from .quantized import METHODS, MODELS, QuantizedSettings, run_quantized
+
+    s = QuantizedSettings(models=tuple(args.models or MODELS), methods=tuple(args.methods or METHODS),
+                          steps=args.steps, warmup=args.warmup)
+    root = Path(args.output) if args.output else RESULTS / "quantized"
+    print(run_quantized(s, root, tuple(args.parts)))
+    print(f"results in {root}")
+    return 0
+
+
 def _grid_parser(sub, name: str, help_text: str, description: str, grids: bool = True):
     p = sub.add_parser(name, help=help_text, description=description)
     if grids:
@@ -365,6 +376,22 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--protocols", nargs="+", choices=("image", "text"), default=["image", "text"],
                       help="the protocols whose trajectory runs may train (default both; the others are read)")
     rank.set_defaults(func=cmd_update_rank)
+
+    quantized = sub.add_parser("quantized", help="4-bit / 8-bit bases (bitsandbytes) against float32: a training "
+                               "step's time and memory, and whether a 4-bit run learns (issue 33)",
+                               description="Each method's training step on SmolLM2 and Gemma-3-270M loaded in float32, "
+                                           "4bit and 8bit (replora train --quantize's loader), one fresh process per "
+                                           "cell: median step time and peak resident memory, ratios to float32; then "
+                                           "word-reversal SFT runs on SmolLM2 4bit (lora, replora). Resumable: "
+                                           "finished cells and runs are read again. Run with OMP_NUM_THREADS=1.")
+    quantized.add_argument("--models", nargs="+", choices=("smollm2", "gemma3-270m"), help="default both")
+    quantized.add_argument("--methods", nargs="+", choices=tuple(METHODS), help="default every method")
+    quantized.add_argument("--steps", type=int, default=3, help="timed steps per cell (default 3)")
+    quantized.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    quantized.add_argument("--parts", nargs="+", choices=("steps", "learning"), default=["steps", "learning"],
+                           help="what to run (default both)")
+    quantized.add_argument("--output", help="results folder (default research/results/quantized)")
+    quantized.set_defaults(func=cmd_quantized)
 
     demo = sub.add_parser("demo", help="the README's demo table: replora demo, its table in results/demo/demo.txt",
                           description="Run `replora demo` with its defaults into <output>/runs (finished runs are "
