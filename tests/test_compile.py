@@ -20,6 +20,7 @@ import replora
 from replora.methods.replora import RepLoRAGroup
 from conftest import METHOD_VARIANTS, TINY_MODELS, logits, make_config, outputs, train_steps
 
+pytestmark = [pytest.mark.compile, pytest.mark.slow]  # minutes in all: `pytest -m compile` runs them alone
 BACKEND = "aot_eager"
 STEPS = 5  # calls per run
 
@@ -66,8 +67,13 @@ def test_every_method_compiles_in_one_graph_on_a_plain_model(variant, mode):
     assert counts["breaks"] == 0 and counts["compiles"] == 1, counts
 
 
+# Across models what can break a graph is the layer kind and where shared modules live: every method, and
+# RepLoRA's sharing across the whole model and none; every option of every method is on the plain model above.
+ACROSS_MODELS = [*replora.METHODS, "replora-modelsharing", "replora-nosharing"]
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("variant", list(METHOD_VARIANTS))
+@pytest.mark.parametrize("variant", ACROSS_MODELS)
 @pytest.mark.parametrize("name", ["bert", "llama", "gpt2", "convnet", "sequential"])
 def test_every_method_compiles_with_no_graph_break_and_no_recompile(name, variant, mode):
     """The README's models (GPT-2: Conv1D targets; the CNN: Conv2d targets; an nn.Sequential of blocks)."""
