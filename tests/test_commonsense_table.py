@@ -19,6 +19,7 @@ from research.commonsense_table import CommonsenseGrid, _claim_2_reading, _refer
 
 
 @pytest.mark.slow
+@pytest.mark.research
 def test_the_commonsense_table_trains_scores_and_resumes(tmp_path, tiny_lm_folders, capsys):
     root = tmp_path / "cs"
     args = ["commonsense", "--model", tiny_lm_folders["chat"], "--methods", "lora", "replora", "dora",

@@ -27,6 +27,7 @@ def _stamps(root):
 
 
 @pytest.mark.slow
+@pytest.mark.research
 def test_sample_efficiency_runs_end_to_end_and_resumes(tmp_path, tiny_folders, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(120))
     args = ["sample-efficiency", "--model", tiny_folders["bert"], "--dataset", str(data),
@@ -82,6 +83,7 @@ def _check_report_rebuilds(results: Path, capsys, reports: list[str]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.research
 def test_the_image_grid_runs_references_on_all_the_data_only(tmp_path, vision_folders, digits):
     args = ["sample-efficiency", "--grid", "dinov2-cifar10", "--model", vision_folders["dinov2"], "--dataset", digits,
             "--methods", "lora", "replora", "full", "head", "--fractions", "0.5", "1.0", "--seeds", "0", "1",
@@ -150,6 +152,7 @@ def test_learning_rate_grids_are_checked(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.research
 def test_ablations_run_end_to_end_and_resume(tmp_path, tiny_folders):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(60))
     args = ["ablations", "--model", tiny_folders["bert"], "--dataset", str(data), "--seeds", "0",
@@ -238,6 +241,7 @@ def test_theory_voronoi_loss_charges_a_missed_component_its_weight():
 
 
 @pytest.mark.slow
+@pytest.mark.research
 def test_bench_runs_on_a_tiny_model_in_seconds(tmp_path, tiny_folders, tiny_lm_folders):
     # A classifier (training + one forward pass) and a causal LM (training + greedy decoding).
     args = ["bench", "--models", tiny_folders["bert"], tiny_lm_folders["plain"], "--batches", "2x8", "--ranks", "4",
@@ -356,6 +360,7 @@ def test_bench_floor_reaches_every_adapted_layer_and_no_further():
 
 
 @pytest.mark.slow
+@pytest.mark.research
 def test_bench_compile_times_compiled_steps_against_compiled_peft(tmp_path, tiny_folders):
     # The eager backend traces with dynamo (graph breaks, recompiles) without generating code: seconds.
     args = ["bench", "--models", tiny_folders["bert"], "--batches", "2x8", "--ranks", "4", "--rounds", "2",
@@ -464,6 +469,7 @@ def test_update_rank_probe_reports_every_method_and_design(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.research
 def test_update_rank_traces_a_run_and_names_runs_by_their_design(tmp_path, tiny_folders):
     """A traced run records every step's update in its folder; runs are named by the options that differ from
     replora 0.2's, so the committed 0.2 runs keep their names and today's RepLoRA gets its own."""
