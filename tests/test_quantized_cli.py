@@ -243,3 +243,26 @@ def test_full_fine_tuning_of_a_quantized_base_is_refused(tmp_path, tiny_folders,
     with pytest.raises(SystemExit):  # argparse: one of the choices
         main(["train", "--quantize", "2bit"])
     assert "argument --quantize: invalid choice: '2bit'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("quantize", ["4bit", "8bit"])
+def test_a_bfloat16_base_trains_with_the_unquantized_rest_in_float32(tmp_path, tiny_lm_folders, monkeypatch, quantize):
+    """transformers loads a folder in the dtype it was saved in; --quantize loads what stays unquantized
+    (embeddings, norms, the output layer) in float32, as PEFT's prepare_model_for_kbit_training leaves it: a float32
+    norm (replora.prepare_for_quantized_training) before a bfloat16 output layer would not even multiply."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_lm_folders["plain"], dtype=torch.bfloat16).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_lm_folders["plain"]).save_pretrained(folder)
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(24))
+    seen = the_model_trained(monkeypatch)
+    assert main(["train", "--model", str(folder), "--dataset", str(data), "--quantize", quantize, "--epochs", "1",
+                 "--batch-size", "8", "--max-new-tokens", "2", "--output", str(tmp_path / "run")]) == 0
+    model = seen["model"]
+    unquantized = [p for p in model.parameters() if p.is_floating_point()]
+    assert unquantized and {p.dtype for p in unquantized} == {torch.float32}
+    assert isinstance(model.model.layers[0].mlp.up_proj, QUANTIZED[quantize])
+    assert not model.is_gradient_checkpointing  # (replora train has no setting that asks for it)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert torch.isfinite(torch.tensor(metrics["test_loss"]))

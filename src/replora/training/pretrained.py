@@ -169,7 +169,11 @@ def quantized_loading(quantize: str | None, skip: tuple[str, ...] = ()) -> dict:
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                     bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32,
                                     llm_int8_skip_modules=skipped)
-    return {"quantization_config": config, "device_map": {"": device}}
+    # The unquantized rest (embeddings, norms, the output layer, a new head) in float32, whatever dtype the folder
+    # was saved in (transformers would load a bfloat16 folder as bfloat16), as PEFT's prepare_model_for_kbit_training
+    # leaves it: a float32 norm before a bfloat16 output layer would not multiply (dtypes differ), and float32 keeps
+    # the small updates of what trains in full.
+    return {"quantization_config": config, "device_map": {"": device}, "dtype": torch.float32}
 
 
 def _prepared(model: nn.Module, quantize: str | None) -> nn.Module:
