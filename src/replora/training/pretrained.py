@@ -177,8 +177,9 @@ def quantized_loading(quantize: str | None, skip: tuple[str, ...] = ()) -> dict:
 
 
 def _prepared(model: nn.Module, quantize: str | None) -> nn.Module:
-    """A quantized model ready for an adapter (replora.prepare_for_quantized_training: norms and the new head in
-    float32). No gradient checkpointing: replora train has no setting that asks for it (it costs time)."""
+    """A quantized model ready for an adapter, as the README's recipe makes it: replora.prepare_for_quantized_training
+    (norms and the new head in float32: loaded so already, see quantized_loading, so a safeguard here). No gradient
+    checkpointing: replora train has no setting that asks for it (it trades time for memory)."""
     if quantize is None:
         return model
     from ..quantized import prepare_for_quantized_training
