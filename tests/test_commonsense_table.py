@@ -75,6 +75,7 @@ def test_the_commonsense_table_trains_scores_and_resumes(tmp_path, tiny_lm_folde
     assert f"{runs / names[0]} was trained but not scored, and its adapter/ is gone" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_reference_rows_are_chance_and_the_best_constant_answer_on_the_items_scored():
     s = CommonsenseGrid(items_per_task=50)
     references = _references(s)

@@ -170,6 +170,7 @@ def test_a_cap_keeps_the_old_subset_where_the_rounding_already_added_up():
     assert data.stratified_sample(train, 32, SPLIT_SEED) == stratified_fraction(train, 32 / len(train), SPLIT_SEED)
 
 
+@pytest.mark.slow
 def test_an_evaluation_cap_is_never_exceeded_on_a_mixed_dataset():
     task = load_task("commonsense")
     for split in (task.validation, task.test):

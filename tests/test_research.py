@@ -169,6 +169,7 @@ def test_ablations_run_end_to_end_and_resume(tmp_path, tiny_folders):
     assert _stamps(root) == before
 
 
+@pytest.mark.slow
 def test_theory_simulation_runs_end_to_end(tmp_path):
     args = ["theory", "--ns", "50", "200", "--repetitions", "2", "--inits", "1", "--lbfgs-steps", "20",
             "--output", str(tmp_path / "th")]
@@ -301,6 +302,7 @@ def test_bench_runs_on_a_tiny_model_in_seconds(tmp_path, tiny_folders, tiny_lm_f
     assert (tmp_path / "b" / "bench.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_bench_profile_says_where_each_contender_spends_its_step(tmp_path, tiny_folders):
     args = ["bench", "--models", tiny_folders["bert"], "--batches", "2x8", "--ranks", "4", "--rounds", "1",
             "--min-time", "0", "--threads", "1", "--profile", "2", "--output", str(tmp_path / "p")]

@@ -237,6 +237,7 @@ def test_sft_trainer_saves_adapters_and_resumes(tiny_lm_folders, tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "final")
 
 
+@pytest.mark.slow
 def test_importing_replora_patches_nothing_and_model_py_imports_no_glue_at_the_top():
     """The Trainer glue is reached only where it acts: inject and unload import trainer.py for transformers models
     (it builds on saving.py, which builds on model.py); importing replora leaves transformers' Trainer as it is."""

@@ -65,6 +65,7 @@ def test_image_size_resizes_and_vit_interpolates_its_positions(vision_folders, d
     assert 0 <= metrics["test_accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_cifar10_from_the_command_line(vision_folders, tmp_path):
     import subprocess
 
@@ -113,6 +114,7 @@ def test_efficientnet_targets_its_pointwise_convolutions_by_default():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in statistics.items())
 
 
+@pytest.mark.slow
 def test_a_bad_image_folder_stops_the_command_line_with_one_line(vision_folders, tmp_path):
     import subprocess
 
