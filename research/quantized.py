@@ -190,7 +190,9 @@ def markdown(results: dict) -> str:
              f"{s['steps']} timed steps after {s['warmup']} warm-up (min-max in brackets), OMP threads as run "
              "(see threads). Peak = the process's resident high-water mark over the steps (VmHWM, reset after "
              "loading), loaded = resident after loading; both include the libraries. Ratios: to float32, same model "
-             "and method, run back to back. `python -m research quantized` (research/quantized.py) made it.", ""]
+             "and method, run back to back; on a shared CPU a step's time still moves with the other load (the "
+             "min-max shows how much), so read a time ratio near 1 as no difference measured. "
+             "`python -m research quantized` (research/quantized.py) made it.", ""]
     for model in s["models"]:
         rows = [c for c in cells.values() if c["model"] == model]
         if not rows:
@@ -212,7 +214,7 @@ def markdown(results: dict) -> str:
     learning = results.get("learning") or {}
     if learning:
         lines += ["## Does a 4-bit base still learn? Word reversal (SFT), SmolLM2 4bit", "",
-                  "`replora train " + " ".join(LEARNING[:2] + ["research/data/reverse_words.jsonl"] + LEARNING[4:])
+                  "`replora train " + " ".join(LEARNING[:3] + ["research/data/reverse_words.jsonl"] + LEARNING[4:])
                   + " --method M`; float32 runs with the same settings: 100% (research/results/sft-reverse-words).", "",
                   "| method | test exact match | test loss | steps | wall time (s) | test rows |", "|---" * 6 + "|"]
         for method, m in learning.items():
