@@ -346,7 +346,7 @@ def test_prepare_for_quantized_training(folders):
     replora.inject(model, replora.AdapterConfig(method="lora", r=4, target_modules=["q_proj", "v_proj"],
                                                 modules_to_save=["score"]))
     q_proj = model.model.layers[0].self_attn.q_proj
-    assert q_proj.lora["default"].lora_A.dtype == torch.bfloat16  # the compute dtype
+    assert q_proj.lora["default"].lora_A.dtype == torch.float32  # float32 whatever the compute dtype (as PEFT)
     assert model.score.copies["default"].weight.dtype == torch.float32
     assert model.get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad  # though the embeddings are frozen
     model.train()
@@ -374,3 +374,22 @@ def test_replora_works_without_bitsandbytes():
             "m(torch.randn(2, 4)); replora.merge(m)\n"
             "assert 'bitsandbytes' not in [k for k, v in sys.modules.items() if v is not None]\n")
     subprocess.run([sys.executable, "-c", code], check=True, env=ENV, timeout=120)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_bfloat16_decoder_trains_after_prepare(folders, tmp_path, method):
+    """Most hub decoders are saved in bfloat16: after prepare_for_quantized_training the float32 final norm feeds
+    the LM head, which must take float32 too (it did not, and the first forward failed on the dtype mix)."""
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(folders["llama"]).to(torch.bfloat16).save_pretrained(bf16)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(bf16, quantization_config=config, device_map="cpu",
+                                                     dtype=torch.bfloat16)
+    replora.prepare_for_quantized_training(model, gradient_checkpointing=False)
+    replora.inject(model, config_for("llama", method))
+    assert model.get_output_embeddings().weight.dtype == torch.float32
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train_step(model)
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)

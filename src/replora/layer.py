@@ -67,8 +67,7 @@ class AdaptedLayer(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """The dtype of W0 as base_weight() gives it, and of new adapter tensors: the weight's own, or a
-        quantized layer's compute dtype."""
+        """The dtype of W0 as base_weight() gives it: the weight's own, or a quantized layer's compute dtype."""
         return quantized.compute_dtype(self.base_layer) if self.quantized else self.base_layer.weight.dtype
 
     def base_weight(self) -> torch.Tensor:

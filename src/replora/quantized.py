@@ -2,7 +2,7 @@
 
 replora adapts bitsandbytes' `Linear4bit` (NF4 and FP4, any compute dtype) and `Linear8bitLt`, as transformers'
 `BitsAndBytesConfig(load_in_4bit=True)` / `load_in_8bit=True` load them. Such a layer stays as it was (packed,
-frozen, its own forward); the adapter's factors are full-precision tensors in the layer's compute dtype, and
+frozen, its own forward); the adapter's factors are float32 tensors (methods/base.like), and
 whatever needs W0 itself (DoRA's row norms, save_merged) reads it dequantized (`dequantize`).
 
 bitsandbytes stays optional: nothing here imports it first. A bitsandbytes layer can only exist once bitsandbytes
@@ -42,9 +42,9 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def compute_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of an adapter's factors on this quantized layer: the 4-bit layer's compute dtype (its matmuls
-    run in it; float32 when transformers left it unset), float32 for an 8-bit layer (whose int8 weight names
-    no float dtype: float32 keeps the update exact whatever the activations' dtype, as PEFT does)."""
+    """The dtype W0 is dequantized to, and save_merged writes: the 4-bit layer's compute dtype (its matmuls run
+    in it; float32 when transformers left it unset), float32 for an 8-bit layer (whose int8 weight names no
+    float dtype)."""
     weight = module.weight
     if weight.is_floating_point():  # not quantized (yet): e.g. Linear8bitLt(has_fp16_weights=True)
         return weight.dtype
@@ -186,8 +186,10 @@ def prepare_for_quantized_training(model: nn.Module, gradient_checkpointing: boo
     - Normalisation layers (LayerNorm, RMSNorm, ... and any module whose class name ends in "Norm") and the
       classification head (`heads`: modules of these names, e.g. a SequenceClassification model's `score`,
       newly initialised and trained with the adapter through modules_to_save) get float32 parameters: in 16 bits
-      their small updates and statistics are lost to rounding. Quantized weights, embeddings and the LM head stay
-      as they are (upcasting those would cost the memory quantization saved).
+      their small updates and statistics are lost to rounding. So does an unquantized LM head (the model's output
+      embeddings), which reads the float32 final norm's output: left in 16 bits its matmul would refuse the mix.
+      Quantized weights and the input embeddings stay as they are (upcasting those would cost the memory
+      quantization saved; an LM head tied to the input embeddings is one tensor, upcast with it).
     - gradient_checkpointing=True: turns on transformers' activation checkpointing (gradient_checkpointing_kwargs
       go to it) and makes the input embeddings' output require grad. With the whole base frozen, a checkpointed
       block would otherwise get inputs without grad, and reentrant checkpointing then gives its adapters no
@@ -195,11 +197,13 @@ def prepare_for_quantized_training(model: nn.Module, gradient_checkpointing: boo
     Nothing is frozen or unfrozen here: replora.inject freezes the base model.
     """
     heads = tuple(heads)
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         is_norm = isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)) or \
             type(module).__name__.endswith("Norm")
-        is_head = leaf in heads or any(f".{h}." in f".{name}." for h in heads)
+        is_head = leaf in heads or any(f".{h}." in f".{name}." for h in heads) or (
+            output is not None and module is output)
         if not (is_norm or is_head) or is_quantized(module):
             continue
         for param in module.parameters(recurse=is_head):

@@ -50,8 +50,10 @@ def lora_A_init_(A: torch.Tensor) -> torch.Tensor:
 
 
 def like(layer: AdaptedLayer) -> dict:
-    """New adapter tensors take the device and dtype of the layer they adapt (a quantized layer's compute dtype)."""
-    return {"device": layer.base_layer.weight.device, "dtype": layer.compute_dtype}
+    """New adapter tensors take the device and dtype of the layer they adapt; on a quantized layer, float32 whatever
+    its compute dtype (as PEFT keeps them): in bfloat16 an AdamW step on a factor is often below its rounding."""
+    return {"device": layer.base_layer.weight.device,
+            "dtype": torch.float32 if layer.quantized else layer.compute_dtype}
 
 
 class Method(nn.Module):
