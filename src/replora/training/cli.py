@@ -305,6 +305,9 @@ def run_command(args: argparse.Namespace, prog: str = "replora", resume_hint: st
 
     from .loop import TrainingDiverged
 
+    # bitsandbytes (imported by transformers' Trainer, which inject readies) warns on import on some CPUs that it
+    # cannot fetch an optional kernel from the hub; it falls back by itself, and the line only alarms newcomers
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     logger = logging.getLogger("replora")
     if not logger.handlers:
         handler = logging.StreamHandler()
