@@ -102,7 +102,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                  lr=args.lr, seed=args.seed, keep="last", output=str(Path(args.output) / method),
                                  resume=True)
         runs.append(train(settings))
-    print(f"\nMiniLM + Rotten Tomatoes, {args.max_train_examples} training snippets, {args.epochs} epochs, "
+    print(f"\nMiniLM + Rotten Tomatoes, {args.max_train_examples} training snippets, {args.epochs} epoch{'s' * (args.epochs != 1)}, "
           f"lr {args.lr}, seed {args.seed}; test: {runs[0]['test_examples']} snippets of unseen movies")
     print(summary(runs))
     print(f"run folders: {', '.join(str(Path(r['output'])) for r in runs)} (settings.json, metrics.json, log.txt, "
