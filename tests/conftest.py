@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one thread a worker (N workers x all cores would thrash)
+    os.environ["OMP_NUM_THREADS"] = "1"  # (and for the processes tests start)
+    torch.set_num_threads(1)
 from torch import nn
 from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, BitImageProcessor, Dinov2Config,
                           Dinov2Model, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,

@@ -365,6 +365,7 @@ def test_prepare_makes_inputs_require_grad_where_transformers_does_not(folders, 
     assert model.get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad
 
 
+@pytest.mark.slow  # (a fresh interpreter)
 def test_replora_works_without_bitsandbytes():
     """bitsandbytes is optional: with it absent, replora imports and adapts (quantized.py never imports it)."""
     code = ("import sys; sys.modules['bitsandbytes'] = None\n"

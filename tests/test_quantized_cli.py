@@ -186,6 +186,7 @@ def one_error_line(stderr: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # (a fresh interpreter each)
 @pytest.mark.parametrize("command", ["train", "eval"])
 def test_missing_bitsandbytes_is_one_line_naming_the_install(tmp_path, tiny_lm_folders, command):
     data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(24))
@@ -204,6 +205,7 @@ def test_missing_bitsandbytes_is_one_line_naming_the_install(tmp_path, tiny_lm_f
     assert not (tmp_path / "run").exists() and not (tmp_path / "eval").exists()
 
 
+@pytest.mark.slow
 def test_from_pretrained_of_a_quantized_run_without_bitsandbytes_names_the_install(tmp_path):
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
