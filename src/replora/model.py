@@ -411,13 +411,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, each shared tensor counted once; a 4-bit weight counts its values,
     not the bytes they are packed in (two per byte)."""
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(_values(p) for p in params)
-
-
-def _values(param: nn.Parameter) -> int:
-    if type(param).__name__ == "Params4bit" and not param.is_floating_point():  # bitsandbytes' packed storage
-        return param.numel() * param.element_size() * 2
-    return param.numel()
+    return sum(p.numel() for p in params if p.requires_grad), sum(quantized.values_in(p) for p in params)
 
 
 def print_trainable_parameters(model: nn.Module) -> None:

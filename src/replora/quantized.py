@@ -223,5 +223,12 @@ def prepare_for_quantized_training(model: nn.Module, gradient_checkpointing: boo
     return model
 
 
+def values_in(param: torch.Tensor) -> int:
+    """How many values a parameter holds: a packed 4-bit weight holds two a byte."""
+    if type(param).__name__ == "Params4bit" and not param.is_floating_point():
+        return param.numel() * param.element_size() * 2
+    return param.numel()
+
+
 def is_quantized_param(param: torch.Tensor) -> bool:
     return type(param).__name__ in ("Params4bit", "Int8Params")

@@ -160,8 +160,10 @@ def find_runs(paths: list[str]) -> tuple[list[Path], list[str]]:
             if not below:
                 unfinished = " (an unfinished run: continue it with --resume)" if (path / "settings.json").is_file() else ""
                 skipped.append(f"skipped {given}: no finished run in it or below (no metrics.json){unfinished}")
-    seen = set()
-    return [p for p in runs if not (p.resolve() in seen or seen.add(p.resolve()))], skipped  # each run once
+    once = {}  # each run once, in the order found, whatever path led to it
+    for path in runs:
+        once.setdefault(path.resolve(), path)
+    return list(once.values()), skipped
 
 
 def _run_settings(folder: Path, metrics: dict) -> dict:

@@ -128,8 +128,8 @@ def train(settings: TrainSettings, on_step: Callable[[nn.Module, int], None] | N
             if config is not None:  # (full fine-tuning and --method head keep no checkpoints)
                 contents = adapter_tensors(accelerator.unwrap_model(model)), optimizer_state(optimizer)  # (gathered)
                 if accelerator.is_main_process:
-                    write_epoch_checkpoint(keeper.checkpoints, epoch + 1, accelerator.unwrap_model(model), contents,
-                                           scheduler, state, keeper)
+                    write_epoch_checkpoint(epoch + 1, accelerator.unwrap_model(model), contents, scheduler, state,
+                                           keeper)
             accelerator.wait_for_everyone()
             clock.lap()
         progress.close()

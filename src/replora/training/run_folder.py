@@ -176,11 +176,11 @@ class BestKeeper:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-def write_epoch_checkpoint(checkpoints: Path, epoch: int, model, contents: tuple[dict, dict], scheduler,
-                           state: RunState, keeper: "BestKeeper") -> None:
-    """checkpoints/epoch-N, then `latest` names it (it counts only once whole), then the previous checkpoint and
-    the best-step folders it no longer names go (main process only)."""
-    name = f"epoch-{epoch}"
+def write_epoch_checkpoint(epoch: int, model, contents: tuple[dict, dict], scheduler, state: RunState,
+                           keeper: BestKeeper) -> None:
+    """checkpoints/epoch-N (beside the keeper's best-step folders), then `latest` names it (it counts only once
+    whole), then the previous checkpoint and the best-step folders it no longer names go (main process only)."""
+    checkpoints, name = keeper.checkpoints, f"epoch-{epoch}"
     if (checkpoints / name).exists():  # a stale copy from a run killed before `latest` named it
         shutil.rmtree(checkpoints / name)
     save_checkpoint(checkpoints / name, model, contents, scheduler, state)

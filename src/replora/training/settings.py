@@ -21,7 +21,7 @@ HEAD = "head"  # a linear probe: no adapter, only the new classification head tr
 NO_ADAPTER = (FULL, HEAD)
 TASKS = ("auto", "classification", "multiple-choice", "sft")
 IMAGE_MODELS = ("dinov2-small", "efficientnet-lite0")  # the packaged image models
-QUANTIZE = ("4bit", "8bit")  # --quantize: bitsandbytes NF4 or LLM.int8 (pretrained.quantization_config)
+QUANTIZE = ("4bit", "8bit")  # --quantize: bitsandbytes NF4 or LLM.int8 (pretrained.quantized_loading)
 DEFAULT_EPOCHS = 2  # the default budget: 2 passes, or more for small data (min_steps)
 
 
